@@ -1,0 +1,230 @@
+"""The call-leg state machine of SPEC §2. Plain Python: the store and the clock are handed in."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from exporter.events import CallEvent, Direction, Service, Step
+from exporter.legs import (
+    OTHER_EXTENSION,
+    EventUnmatched,
+    ExtensionOverflowed,
+    Leg,
+    LegEnded,
+    LegLabels,
+    LegStarted,
+    Outcome,
+    Tally,
+)
+from exporter.store import CallStore, StoreTransaction
+
+Clock = Callable[[], float]
+CLOSED_LEG_RETENTION = 24 * 3600.0  # how long a closed leg is kept to recognise late copies
+CLEANUP_INTERVAL = 60.0
+
+
+class Disposition(StrEnum):
+    """What an event did."""
+
+    OPENED = "opened"
+    ANSWERED = "answered"
+    CLOSED = "closed"
+    DUPLICATE = "duplicate"  # a copy of an event already taken, or one for a leg already closed
+    UNMATCHED = "unmatched"  # no leg for it: counted, and its outcome still counted
+    IGNORED = "ignored"  # an event type we do not know
+
+
+@dataclass(frozen=True)
+class TrackerSettings:
+    max_duration: float = 4 * 3600.0
+    duplicate_window: float = 60.0
+    max_extensions: int = 1000
+
+
+class CallTracker:
+    """Turns call events into leg changes and the tallies they imply, one transaction each."""
+
+    def __init__(
+        self, store: CallStore, settings: TrackerSettings, clock: Clock = time.time
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._clock = clock
+        # Places in the extension limit are never given back, so both sets only grow.
+        self._admitted: set[tuple[int, str]] = set()
+        self._full_accounts: set[int] = set()
+        self._last_cleanup = 0.0
+
+    def on_event(self, event: CallEvent) -> Disposition:
+        now = self._clock()
+        with self._store.transaction() as tx:
+            tx.touch(event.account, event.service, now)
+            if event.kind is None:
+                return Disposition.IGNORED
+            disposition, tallies = self._apply(tx, event, event.kind.step, now)
+            tx.record(tallies)
+        return disposition
+
+    def expire_stale(self) -> int:
+        """Close legs open longer than calls.max_duration as `expired`; returns how many."""
+        now = self._clock()
+        with self._store.transaction() as tx:
+            stale = tx.open_legs_before(now - self._settings.max_duration)
+            tx.record([self._close(tx, leg, Outcome.EXPIRED, now) for leg in stale])
+            if now - self._last_cleanup >= CLEANUP_INTERVAL:
+                tx.forget_closed_before(now - CLOSED_LEG_RETENTION)
+                self._last_cleanup = now
+        return len(stale)
+
+    # -- one event -----------------------------------------------------------------------------
+
+    def _apply(
+        self, tx: StoreTransaction, event: CallEvent, step: Step, now: float
+    ) -> tuple[Disposition, list[Tally]]:
+        candidates = tx.candidate_legs(event, closed_since=now - self._settings.duplicate_window)
+        if step is Step.START:
+            return self._start(tx, event, candidates, now)
+        leg = _target(step, candidates)
+        if leg is None:
+            if candidates:
+                # A leg it could belong to exists but cannot take it: a retry, or a late event
+                # for a leg that already closed (an end after a missed, say).
+                return Disposition.DUPLICATE, []
+            return self._unmatched(tx, event, step, now)
+        tallies = _overflow(leg.labels)
+        if step is Step.ANSWER:
+            leg.answered_at = now
+            tx.save_leg(leg)
+            return Disposition.ANSWERED, tallies
+        outcome = _closing_outcome(step, leg, event.billsec)
+        tallies.append(self._close(tx, leg, outcome, now, event.billsec))
+        return Disposition.CLOSED, tallies
+
+    def _start(
+        self, tx: StoreTransaction, event: CallEvent, candidates: list[Leg], now: float
+    ) -> tuple[Disposition, list[Tally]]:
+        window_start = now - self._settings.duplicate_window
+        if event.call_id is not None and candidates:
+            return Disposition.DUPLICATE, []
+        if any(leg.is_open and leg.opened_at >= window_start for leg in candidates):
+            return Disposition.DUPLICATE, []
+        leg = self._new_leg(tx, event, now)
+        leg.started_at = now
+        tx.insert_leg(leg, event.did)
+        return Disposition.OPENED, [LegStarted(leg.labels), *_overflow(leg.labels)]
+
+    def _unmatched(
+        self, tx: StoreTransaction, event: CallEvent, step: Step, now: float
+    ) -> tuple[Disposition, list[Tally]]:
+        """The leg's start was lost: keep what the event still tells."""
+        leg = self._new_leg(tx, event, now)
+        tallies: list[Tally] = [EventUnmatched(event.event_type), *_overflow(leg.labels)]
+        if step is Step.ANSWER:
+            leg.answered_at = now  # open it answered, so that its end closes it as answered
+        else:
+            leg.outcome = _closing_outcome(step, leg, event.billsec)
+            leg.closed_at = now
+            talk = event.billsec if leg.outcome in _TALKED else None
+            tallies.append(LegEnded(leg.labels, leg.outcome, None, _seconds(talk)))
+        tx.insert_leg(leg, event.did)
+        return Disposition.UNMATCHED, tallies
+
+    def _close(
+        self,
+        tx: StoreTransaction,
+        leg: Leg,
+        outcome: Outcome,
+        now: float,
+        billsec: int | None = None,
+    ) -> LegEnded:
+        leg.closed_at = now
+        leg.outcome = outcome
+        tx.save_leg(leg)
+        return LegEnded(
+            leg.labels,
+            outcome,
+            _ring_seconds(leg, outcome, now, billsec),
+            _talk_seconds(leg, outcome, now, billsec),
+        )
+
+    def _new_leg(self, tx: StoreTransaction, event: CallEvent, now: float) -> Leg:
+        assert event.kind is not None
+        labels = LegLabels(
+            event.account, event.service, event.kind.direction, self._extension(tx, event)
+        )
+        return Leg(labels, event.abon, event.call_id, opened_at=now, started_at=None)
+
+    def _extension(self, tx: StoreTransaction, event: CallEvent) -> str:
+        """The extension label for a new leg: its abon, or `other` once the account is full."""
+        if event.service is Service.TELEPHONY:
+            return ""
+        key = (event.account, event.abon)
+        if key in self._admitted:
+            return event.abon
+        if event.account not in self._full_accounts:
+            if tx.admit_extension(event.account, event.abon, self._settings.max_extensions):
+                self._admitted.add(key)
+                return event.abon
+            self._full_accounts.add(event.account)
+        return OTHER_EXTENSION
+
+
+_TALKED = (Outcome.ANSWERED, Outcome.COMPLETED)
+
+
+def _target(step: Step, candidates: list[Leg]) -> Leg | None:
+    """The leg an answer, miss, close notice or end acts on: the oldest that can take it."""
+    for leg in candidates:
+        if leg.is_open and (step is Step.END or leg.answered_at is None):
+            return leg
+    return None
+
+
+def _closing_outcome(step: Step, leg: Leg, billsec: int | None) -> Outcome:
+    not_answered = (
+        Outcome.MISSED if leg.labels.direction is Direction.INBOUND else Outcome.UNANSWERED
+    )
+    if step is Step.CLOSE_NOTICE:
+        return Outcome.CANCELLED
+    if step is Step.MISS:
+        return not_answered
+    if leg.labels.service is Service.TELEPHONY:
+        return Outcome.COMPLETED
+    if leg.answered_at is None and billsec == 0:
+        return not_answered
+    return Outcome.ANSWERED
+
+
+def _ring_seconds(leg: Leg, outcome: Outcome, now: float, billsec: int | None) -> float | None:
+    """Start to answer, miss or cancel. Without an answer event, billsec dates the answer."""
+    if leg.started_at is None or outcome is Outcome.COMPLETED:
+        return None
+    if outcome in (Outcome.ANSWERED, Outcome.EXPIRED):
+        answered_at = leg.answered_at
+        if answered_at is None and billsec is not None and outcome is Outcome.ANSWERED:
+            answered_at = now - billsec
+        if answered_at is None:
+            return None
+        return min(max(answered_at - leg.started_at, 0.0), max(now - leg.started_at, 0.0))
+    return max(now - leg.started_at, 0.0)
+
+
+def _talk_seconds(leg: Leg, outcome: Outcome, now: float, billsec: int | None) -> float | None:
+    """billsec when given; else end minus answer; else end minus start."""
+    if outcome not in _TALKED:
+        return None
+    if billsec is not None:
+        return float(billsec)
+    since = leg.answered_at if leg.answered_at is not None else leg.opened_at
+    return max(now - since, 0.0)
+
+
+def _overflow(labels: LegLabels) -> list[Tally]:
+    return [ExtensionOverflowed(labels.account)] if labels.extension == OTHER_EXTENSION else []
+
+
+def _seconds(value: int | None) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,129 @@
+"""The `mcn-exporter` command (SPEC §6): serve, check-config, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from exporter import __version__
+from exporter.config import Config, ConfigError, find_config_path, load_config
+
+EXIT_CONFIG_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command: int = args.run(args)
+    return command
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcn-exporter", description="Prometheus exporter for MCN Telecom call webhooks."
+    )
+    parser.add_argument("--version", action="version", version=f"mcn-exporter {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="receive webhooks and serve /metrics")
+    serve.add_argument(
+        "--config", help="config file (default: $MCN_EXPORTER_CONFIG, ./config.yaml)"
+    )
+    serve.add_argument("--bind", help="HOST:PORT to listen on (default: server.bind)")
+    serve.add_argument("--workers", type=_positive_int, help="gunicorn workers (server.workers)")
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check-config", help="validate a config file; exit 0 or 2")
+    check.add_argument("path", nargs="?", help="config file (default: as for serve)")
+    check.set_defaults(run=_check_config)
+
+    simulate = commands.add_parser("simulate", help="send realistic traffic; print ground truth")
+    simulate.add_argument(
+        "--url", required=True, help="the webhook URL, e.g. http://host:9880/webhook"
+    )
+    simulate.add_argument(
+        "--config", help="config with the accounts, secrets and extensions to use"
+    )
+    simulate.add_argument("--calls", type=_positive_int, default=200, help="calls to place (200)")
+    simulate.add_argument("--rate", type=float, default=0.0, help="events per second (0: no limit)")
+    simulate.add_argument("--seed", type=int, default=1, help="random seed (1)")
+    simulate.add_argument(
+        "--concurrency", type=_positive_int, default=16, help="calls at once (16)"
+    )
+    simulate.add_argument(
+        "--missed-ratio", type=_ratio, default=0.1, help="share of inbound calls missed (0.1)"
+    )
+    simulate.add_argument(
+        "--pace", type=float, default=0.2, help="longest ring or talk pause in seconds (0.2)"
+    )
+    simulate.set_defaults(run=_simulate)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    from exporter.server import run
+
+    return run(config, bind=args.bind, workers=args.workers)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    path = find_config_path(args.path)
+    config = _load(args.path)
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    extensions = sum(len(numbers) for numbers in config.extensions.values())
+    print(
+        f"{path}: OK ({len(config.accounts)} account(s), {extensions} extension(s), "
+        f"store {config.store.path})"
+    )
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    from exporter.simulate import Options, simulate
+
+    options = Options(
+        url=args.url,
+        calls=args.calls,
+        rate=args.rate,
+        seed=args.seed,
+        concurrency=args.concurrency,
+        missed_ratio=args.missed_ratio,
+        pace=args.pace,
+    )
+    result = simulate(config, options)
+    json.dump(result, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 1 if result["failed"] else 0
+
+
+def _load(explicit: str | None) -> Config | None:
+    path = find_config_path(explicit)
+    try:
+        return load_config(Path(path))
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(f"config error: {error}", file=sys.stderr)
+        return None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value

@@ -1,0 +1,480 @@
+"""Configuration: YAML parsed once into frozen dataclasses, every error named by its key path."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import yaml
+
+from exporter.events import EXTENSION_PATTERN
+
+DEFAULT_RING_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0)
+DEFAULT_TALK_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
+CONFIG_ENV_VAR = "MCN_EXPORTER_CONFIG"
+RESERVED_PATHS = frozenset({"/", "/metrics", "/healthz", "/readyz"})
+RESERVED_INFO_LABELS = frozenset({"account", "extension", "name"})
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bind: str = "0.0.0.0:9880"
+    workers: int = 2
+    threads: int = 4
+    max_body_bytes: int = 64 * 1024
+    webhook_path: str = "/webhook"
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    id: int
+    secret: str = field(repr=False)
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ExtensionConfig:
+    number: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class CallsConfig:
+    max_duration: float = 4 * 3600.0
+    duplicate_window: float = 60.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = "./data/mcn-exporter.sqlite3"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    ring_buckets: tuple[float, ...] = DEFAULT_RING_BUCKETS
+    talk_buckets: tuple[float, ...] = DEFAULT_TALK_BUCKETS
+    histogram_extension_label: bool = False
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_extensions: int = 1000
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    json: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    accounts: Mapping[int, AccountConfig]
+    extensions: Mapping[int, Mapping[str, ExtensionConfig]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    server: ServerConfig = ServerConfig()
+    calls: CallsConfig = CallsConfig()
+    store: StoreConfig = StoreConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def secrets(self) -> dict[int, str]:
+        return {account.id: account.secret for account in self.accounts.values()}
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `errors` holds one `path: problem` line per fault."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def find_config_path(explicit: str | None) -> Path:
+    """`--config`, then $MCN_EXPORTER_CONFIG, then ./config.yaml."""
+    return Path(explicit or os.environ.get(CONFIG_ENV_VAR) or "config.yaml")
+
+
+def load_config(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+    return parse_config(document, base_dir=path.parent)
+
+
+def parse_config(document: object, base_dir: Path = Path()) -> Config:
+    reader = _Reader(base_dir)
+    config = reader.config(document)
+    if reader.errors or config is None:
+        raise ConfigError(reader.errors or ["(root): empty configuration"])
+    return config
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Walks the YAML document, collecting every error instead of stopping at the first."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.errors: list[str] = []
+
+    def error(self, path: str, problem: str) -> None:
+        self.errors.append(f"{path}: {problem}")
+
+    # -- sections ------------------------------------------------------------------------------
+
+    def config(self, doc: object) -> Config | None:
+        section = self.mapping(doc, "(root)")
+        if section is None:
+            return None
+        self.no_unknown_keys(
+            section,
+            "",
+            {"server", "accounts", "extensions", "calls", "store", "metrics", "limits", "logging"},
+        )
+        accounts = self.accounts(section.get("accounts"))
+        limits = self.limits(section.get("limits"))
+        return Config(
+            server=self.server(section.get("server")),
+            accounts=MappingProxyType(accounts),
+            extensions=MappingProxyType(
+                self.extensions(section.get("extensions"), accounts, limits)
+            ),
+            calls=self.calls(section.get("calls")),
+            store=self.store(section.get("store")),
+            metrics=self.metrics(section.get("metrics")),
+            limits=limits,
+            logging=self.logging(section.get("logging")),
+        )
+
+    def server(self, doc: object) -> ServerConfig:
+        default = ServerConfig()
+        section = self.section(doc, "server", set(vars(default)))
+        bind = self.value(section, "server.bind", str, default.bind)
+        if not _valid_bind(bind):
+            self.error(
+                "server.bind", f"must be HOST:PORT with a port from 1 to 65535, not {bind!r}"
+            )
+        path = self.value(section, "server.webhook_path", str, default.webhook_path)
+        if not path.startswith("/") or path in RESERVED_PATHS:
+            self.error(
+                "server.webhook_path",
+                f"must start with / and not be one of {sorted(RESERVED_PATHS)}",
+            )
+        return ServerConfig(
+            bind=bind,
+            workers=self.integer(section, "server.workers", default.workers, 1, 64),
+            threads=self.integer(section, "server.threads", default.threads, 1, 256),
+            max_body_bytes=self.integer(
+                section, "server.max_body_bytes", default.max_body_bytes, 256, 16 * 1024 * 1024
+            ),
+            webhook_path=path,
+            timeout=self.duration(section, "server.timeout", default.timeout),
+        )
+
+    def accounts(self, doc: object) -> dict[int, AccountConfig]:
+        if doc is None:
+            self.error("accounts", "required: list at least one account (id and secret)")
+            return {}
+        if not isinstance(doc, list) or not doc:
+            self.error("accounts", "must be a non-empty list of accounts")
+            return {}
+        accounts: dict[int, AccountConfig] = {}
+        for index, item in enumerate(doc):
+            path = f"accounts[{index}]"
+            section = self.section(item, path, {"id", "secret", "secret_file", "name"})
+            account_id = self.account_id(section.get("id"), f"{path}.id")
+            secret = self.secret(section, path)
+            name = self.value(section, f"{path}.name", str, "")
+            if account_id is None or secret is None:
+                continue
+            if account_id in accounts:
+                self.error(f"{path}.id", f"account {account_id} is listed twice")
+                continue
+            accounts[account_id] = AccountConfig(id=account_id, secret=secret, name=name)
+        return accounts
+
+    def account_id(self, raw: object, path: str) -> int | None:
+        value = self.expand(raw, path)
+        if value is None:
+            self.error(path, "required")
+            return None
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 10**18:
+            self.error(path, f"must be a positive integer, not {value!r}")
+            return None
+        return value
+
+    def secret(self, section: dict[str, Any], path: str) -> str | None:
+        has_secret = section.get("secret") is not None
+        has_file = section.get("secret_file") is not None
+        if has_secret and has_file:
+            self.error(f"{path}.secret", "give either secret or secret_file, not both")
+            return None
+        if has_file:
+            file_name = self.value(section, f"{path}.secret_file", str, "")
+            file_path = self.base_dir / file_name
+            try:
+                secret = file_path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                self.error(f"{path}.secret_file", f"cannot read {file_name}: {exc.strerror}")
+                return None
+            if not secret:
+                self.error(f"{path}.secret_file", f"{file_name} is empty")
+                return None
+            return secret
+        if not has_secret:
+            self.error(f"{path}.secret", "required (or secret_file)")
+            return None
+        secret = self.value(section, f"{path}.secret", str, "")
+        if not secret.strip():
+            self.error(f"{path}.secret", "must not be empty")
+            return None
+        return secret
+
+    def extensions(
+        self, doc: object, accounts: Mapping[int, AccountConfig], limits: LimitsConfig
+    ) -> dict[int, Mapping[str, ExtensionConfig]]:
+        if doc is None:
+            return {}
+        section = self.mapping(doc, "extensions")
+        result: dict[int, Mapping[str, ExtensionConfig]] = {}
+        for raw_account, entries in (section or {}).items():
+            path = f"extensions.{raw_account}"
+            account_id = self.account_id(raw_account, path)
+            if account_id is None:
+                continue
+            if accounts and account_id not in accounts:
+                self.error(path, f"account {account_id} is not in accounts")
+                continue
+            numbers = self.mapping(entries, path) or {}
+            parsed = {}
+            for raw_number, entry in numbers.items():
+                extension = self.extension(str(raw_number), entry, f"{path}.{raw_number}")
+                if extension is not None:
+                    parsed[extension.number] = extension
+            if len(parsed) > limits.max_extensions:
+                self.error(
+                    path,
+                    f"{len(parsed)} extensions configured but limits.max_extensions is "
+                    f"{limits.max_extensions}",
+                )
+            result[account_id] = MappingProxyType(parsed)
+        return result
+
+    def extension(self, number: str, entry: object, path: str) -> ExtensionConfig | None:
+        if not EXTENSION_PATTERN.fullmatch(number):
+            self.error(path, "an extension is 1 to 32 characters of 0-9 A-Z a-z * # + _ -")
+            return None
+        if isinstance(entry, str) or entry is None:
+            return ExtensionConfig(number=number, name=self.expand(entry, path) or "")
+        section = self.section(entry, path, {"name", "labels"})
+        name = self.value(section, f"{path}.name", str, "")
+        labels_doc = section.get("labels")
+        labels: dict[str, str] = {}
+        if labels_doc is not None:
+            for label, value in (self.mapping(labels_doc, f"{path}.labels") or {}).items():
+                label_path = f"{path}.labels.{label}"
+                if not isinstance(label, str) or not LABEL_NAME.fullmatch(label):
+                    self.error(label_path, "not a valid Prometheus label name")
+                elif label.startswith("__") or label in RESERVED_INFO_LABELS:
+                    self.error(label_path, "reserved label name")
+                else:
+                    expanded = self.expand(value, label_path)
+                    if isinstance(expanded, bool) or not isinstance(expanded, str | int | float):
+                        self.error(label_path, "must be a string")
+                    else:
+                        labels[label] = str(expanded)
+        return ExtensionConfig(number=number, name=name, labels=MappingProxyType(labels))
+
+    def calls(self, doc: object) -> CallsConfig:
+        default = CallsConfig()
+        section = self.section(doc, "calls", set(vars(default)))
+        return CallsConfig(
+            max_duration=self.duration(section, "calls.max_duration", default.max_duration),
+            duplicate_window=self.duration(
+                section, "calls.duplicate_window", default.duplicate_window
+            ),
+        )
+
+    def store(self, doc: object) -> StoreConfig:
+        section = self.section(doc, "store", {"path"})
+        path = self.value(section, "store.path", str, StoreConfig().path)
+        if not path:
+            self.error("store.path", "must not be empty")
+        return StoreConfig(path=path)
+
+    def metrics(self, doc: object) -> MetricsConfig:
+        default = MetricsConfig()
+        section = self.section(doc, "metrics", set(vars(default)))
+        return MetricsConfig(
+            ring_buckets=self.buckets(section, "metrics.ring_buckets", default.ring_buckets),
+            talk_buckets=self.buckets(section, "metrics.talk_buckets", default.talk_buckets),
+            histogram_extension_label=self.value(
+                section, "metrics.histogram_extension_label", bool, False
+            ),
+        )
+
+    def limits(self, doc: object) -> LimitsConfig:
+        section = self.section(doc, "limits", {"max_extensions"})
+        return LimitsConfig(
+            max_extensions=self.integer(
+                section, "limits.max_extensions", LimitsConfig().max_extensions, 1, 1_000_000
+            )
+        )
+
+    def logging(self, doc: object) -> LoggingConfig:
+        section = self.section(doc, "logging", {"level", "json"})
+        level = self.value(section, "logging.level", str, "info").lower()
+        if level not in LOG_LEVELS:
+            self.error("logging.level", f"must be one of {', '.join(LOG_LEVELS)}")
+        return LoggingConfig(level=level, json=self.value(section, "logging.json", bool, False))
+
+    # -- values --------------------------------------------------------------------------------
+
+    def mapping(self, doc: object, path: str) -> dict[Any, Any] | None:
+        if not isinstance(doc, dict):
+            self.error(path, f"must be a mapping, not {_kind(doc)}")
+            return None
+        return doc
+
+    def section(self, doc: object, path: str, allowed: set[str]) -> dict[str, Any]:
+        if doc is None:
+            return {}
+        section = self.mapping(doc, path)
+        if section is None:
+            return {}
+        self.no_unknown_keys(section, path + ".", allowed)
+        return section
+
+    def no_unknown_keys(self, section: dict[Any, Any], prefix: str, allowed: set[str]) -> None:
+        for key in section:
+            if key not in allowed:
+                self.error(f"{prefix}{key}", f"unknown key (expected one of {sorted(allowed)})")
+
+    def expand(self, raw: object, path: str) -> Any:
+        """Replace ${VAR} and ${VAR:-default} in a string value."""
+        if not isinstance(raw, str) or "${" not in raw:
+            return raw
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            value = os.environ.get(name)
+            if value is None:
+                if default is None:
+                    self.error(path, f"environment variable {name} is not set")
+                    return ""
+                return default
+            return value
+
+        return ENV_REFERENCE.sub(substitute, raw)
+
+    def value(self, section: dict[str, Any], path: str, kind: type[T], default: T) -> T:
+        raw = self.expand(section.get(path.rsplit(".", 1)[-1]), path)
+        if raw is None:
+            return default
+        if kind is bool and isinstance(raw, str) and raw.lower() in ("true", "false"):
+            raw = raw.lower() == "true"
+        if kind is str and isinstance(raw, int | float) and not isinstance(raw, bool):
+            raw = str(raw)
+        if not isinstance(raw, kind):
+            self.error(path, f"must be a {kind.__name__}, not {_kind(raw)}")
+            return default
+        return raw
+
+    def integer(self, section: dict[str, Any], path: str, default: int, low: int, high: int) -> int:
+        raw = self.expand(section.get(path.rsplit(".", 1)[-1]), path)
+        if raw is None:
+            return default
+        if isinstance(raw, str) and raw.strip().isdigit():
+            raw = int(raw)
+        if not isinstance(raw, int) or isinstance(raw, bool) or not low <= raw <= high:
+            self.error(path, f"must be an integer from {low} to {high}, not {raw!r}")
+            return default
+        return raw
+
+    def duration(self, section: dict[str, Any], path: str, default: float) -> float:
+        raw = self.expand(section.get(path.rsplit(".", 1)[-1]), path)
+        if raw is None:
+            return default
+        seconds = _parse_duration(raw)
+        if seconds is None or seconds <= 0:
+            self.error(path, f"must be a positive duration such as 30s, 15m or 4h, not {raw!r}")
+            return default
+        return seconds
+
+    def buckets(
+        self, section: dict[str, Any], path: str, default: tuple[float, ...]
+    ) -> tuple[float, ...]:
+        raw = section.get(path.rsplit(".", 1)[-1])
+        if raw is None:
+            return default
+        if not isinstance(raw, list) or not raw:
+            self.error(path, "must be a non-empty list of seconds")
+            return default
+        if not all(_is_number(bound) for bound in raw):
+            self.error(path, "every bucket bound must be a number")
+            return default
+        bounds = tuple(float(bound) for bound in raw)
+        if any(not math.isfinite(b) or b <= 0 for b in bounds) or list(bounds) != sorted(
+            set(bounds)
+        ):
+            self.error(path, "bounds must be positive, finite and strictly increasing")
+            return default
+        return bounds
+
+
+def _parse_duration(raw: object) -> float | None:
+    if _is_number(raw):
+        return float(raw)  # type: ignore[arg-type]
+    if not isinstance(raw, str) or not raw:
+        return None
+    text = raw.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    match = DURATION.fullmatch(text)
+    if not match or not any(match.groups()):
+        return None
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return float(hours * 3600 + minutes * 60 + seconds)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _valid_bind(bind: str) -> bool:
+    host, sep, port = bind.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _kind(value: object) -> str:
+    names: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "empty"
+    return names.get(type(value), f"a {type(value).__name__}")

@@ -1,0 +1,201 @@
+"""Webhook bodies in, validated call events out (SPEC §1). Plain Python: no HTTP, no metrics."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import Any
+
+EXTENSION_PATTERN = re.compile(r"[0-9A-Za-z*#+_-]{1,32}")
+MAX_BILLSEC = 30 * 24 * 3600
+MAX_ACCOUNT_DIGITS = 18
+MAX_TEXT_FIELD = 128
+UNKNOWN_EVENT = "unknown"
+
+
+class Service(StrEnum):
+    VPBX = "vpbx"
+    TELEPHONY = "telephony"
+
+
+class Direction(StrEnum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+class Step(Enum):
+    """What an event does to its call leg."""
+
+    START = "start"
+    ANSWER = "answer"
+    MISS = "miss"  # inbound missed, outbound not answered by the callee
+    CLOSE_NOTICE = "close_notice"  # stop ringing: taken elsewhere or abandoned
+    END = "end"
+
+
+@dataclass(frozen=True)
+class EventKind:
+    service: Service
+    direction: Direction
+    step: Step
+
+
+EVENT_KINDS: Mapping[str, EventKind] = {
+    "onInCallingStart": EventKind(Service.VPBX, Direction.INBOUND, Step.START),
+    "onInCallingAnswered": EventKind(Service.VPBX, Direction.INBOUND, Step.ANSWER),
+    "onInCallingEnd": EventKind(Service.VPBX, Direction.INBOUND, Step.END),
+    "onInCallingMissed": EventKind(Service.VPBX, Direction.INBOUND, Step.MISS),
+    "onCloseIncomingNotice": EventKind(Service.VPBX, Direction.INBOUND, Step.CLOSE_NOTICE),
+    "onOutCallingStart": EventKind(Service.VPBX, Direction.OUTBOUND, Step.START),
+    "onOutCallingAnswered": EventKind(Service.VPBX, Direction.OUTBOUND, Step.ANSWER),
+    "onOutCallingMissed": EventKind(Service.VPBX, Direction.OUTBOUND, Step.MISS),
+    "onOutCallingEnd": EventKind(Service.VPBX, Direction.OUTBOUND, Step.END),
+    "InboundCallStart": EventKind(Service.TELEPHONY, Direction.INBOUND, Step.START),
+    "InboundCallEnd": EventKind(Service.TELEPHONY, Direction.INBOUND, Step.END),
+}
+
+
+@dataclass(frozen=True)
+class CallEvent:
+    """One accepted webhook. `kind` is None for an event type we do not know."""
+
+    event_type: str  # the provider's name, or "unknown"
+    kind: EventKind | None
+    account: int
+    service: Service
+    abon: str  # the extension; "" for telephony
+    did: str | None = None
+    call_id: str | None = None
+    billsec: int | None = None
+
+    def __repr__(self) -> str:
+        # `did` is a phone number: keep it out of anything that prints events.
+        return (
+            f"CallEvent({self.event_type}, account={self.account}, abon={self.abon!r}, "
+            f"call_id={self.call_id!r}, billsec={self.billsec})"
+        )
+
+
+class Rejection(Exception):
+    """A webhook we refuse. `reason` is the label of mcn_webhook_rejected_total."""
+
+    def __init__(self, reason: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.field = field
+
+
+MALFORMED = "malformed"
+INVALID = "invalid"
+UNAUTHORIZED = "unauthorized"
+UNKNOWN_ACCOUNT = "unknown_account"
+TOO_LARGE = "too_large"
+
+
+class WebhookParser:
+    """Checks a raw body in the order of SPEC §4: JSON object, account, secret, other fields."""
+
+    def __init__(self, secrets: Mapping[int, str]) -> None:
+        self._secrets = {account: secret.encode() for account, secret in secrets.items()}
+
+    def parse(self, body: bytes) -> CallEvent:
+        document = _decode(body)
+        account = _account_id(document)
+        expected = self._secrets.get(account)
+        if expected is None:
+            raise Rejection(UNKNOWN_ACCOUNT, f"account {account} is not configured", "account_id")
+        _check_secret(document.get("secret"), expected)
+        return _event(document, account)
+
+
+def _decode(body: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad JSON, bad UTF-8 and integers past Python's digit limit.
+        raise Rejection(MALFORMED, "body is not valid JSON") from exc
+    if not isinstance(document, dict):
+        raise Rejection(MALFORMED, "body must be a JSON object")
+    return document
+
+
+def _account_id(document: dict[str, Any]) -> int:
+    raw = document.get("account_id")
+    if raw is None:
+        raise Rejection(INVALID, "account_id is required", "account_id")
+    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= MAX_ACCOUNT_DIGITS:
+        return int(raw)
+    if type(raw) is int and 0 <= raw < 10**MAX_ACCOUNT_DIGITS:
+        return raw
+    raise Rejection(INVALID, "account_id must be an integer or a string of digits", "account_id")
+
+
+def _check_secret(raw: object, expected: bytes) -> None:
+    if raw is None:
+        raise Rejection(UNAUTHORIZED, "secret is required", "secret")
+    given = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else b""
+    # compare_digest takes time that depends on the length only, never on where bytes differ.
+    if not isinstance(raw, str) or not hmac.compare_digest(given, expected):
+        raise Rejection(UNAUTHORIZED, "secret does not match", "secret")
+
+
+def _event(document: dict[str, Any], account: int) -> CallEvent:
+    event_type = document.get("event_type")
+    if not isinstance(event_type, str) or not event_type:
+        raise Rejection(INVALID, "event_type must be a non-empty string", "event_type")
+    kind = EVENT_KINDS.get(event_type)
+    abon = _abon(document.get("abon"), required=kind is not None and kind.service is Service.VPBX)
+    if kind is None:
+        # Still accepted, so the provider keeps sending; guess the service for the event counter.
+        service = Service.VPBX if abon else Service.TELEPHONY
+        return CallEvent(UNKNOWN_EVENT, None, account, service, abon)
+    return CallEvent(
+        event_type=event_type,
+        kind=kind,
+        account=account,
+        service=kind.service,
+        abon=abon if kind.service is Service.VPBX else "",
+        did=_text(document, "did"),
+        call_id=_text(document, "call_id"),
+        billsec=_billsec(document.get("billsec")),
+    )
+
+
+def _abon(raw: object, required: bool) -> str:
+    if raw is None:
+        if required:
+            raise Rejection(INVALID, "abon is required for virtual PBX events", "abon")
+        return ""
+    if type(raw) is int:
+        raw = str(raw)
+    if not isinstance(raw, str) or not EXTENSION_PATTERN.fullmatch(raw):
+        raise Rejection(INVALID, "abon must be 1 to 32 characters of 0-9 A-Z a-z * # + _ -", "abon")
+    return raw
+
+
+def _text(document: dict[str, Any], name: str) -> str | None:
+    raw = document.get(name)
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or len(raw) > MAX_TEXT_FIELD:
+        raise Rejection(
+            INVALID, f"{name} must be a string of at most {MAX_TEXT_FIELD} characters", name
+        )
+    return raw or None
+
+
+def _billsec(raw: object) -> int | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 9:
+        raw = int(raw)
+    if type(raw) is not int or not 0 <= raw <= MAX_BILLSEC:
+        raise Rejection(
+            INVALID, f"billsec must be an integer from 0 to {MAX_BILLSEC} seconds", "billsec"
+        )
+    return raw

@@ -1,0 +1,340 @@
+"""Every metric of SPEC §3, declared once, and the scrape that renders them.
+
+Two sources feed /metrics:
+- call totals, ring and talk times, active calls and last-event times come from the call store,
+  where they are committed with the legs they describe (exact across workers, kills, restarts);
+- webhook deliveries and rejections are per-process counters of prometheus_client, merged over
+  the gunicorn workers by its multiprocess mode.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from exporter import __version__
+from exporter.config import Config
+from exporter.events import EVENT_KINDS, UNKNOWN_EVENT, CallEvent, Direction, Service, Step
+from exporter.legs import LEG_LABELS, CounterRow, Outcome, TallyKind, TallyLayout, TimingRow
+from exporter.store import CallStore, StoreSnapshot, TimingSeries
+
+disable_created_metrics()
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # counters without the _total suffix, which the exposition adds
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+ACTIVE_CALLS = MetricSpec("mcn_active_calls", "Call legs in progress now.", LEG_LABELS)
+CALLS_STARTED = MetricSpec("mcn_calls_started", "Call legs whose start event was received.")
+CALLS_ENDED = MetricSpec(
+    "mcn_calls_ended", 'Call legs ended, by outcome (missed calls are outcome="missed").'
+)
+RING_SECONDS = MetricSpec(
+    "mcn_call_ring_seconds", "Ring time: from start to answer, miss or cancel, in seconds."
+)
+TALK_SECONDS = MetricSpec("mcn_call_talk_seconds", "Talk time of answered calls, in seconds.")
+EVENTS_UNMATCHED = MetricSpec(
+    "mcn_call_events_unmatched", "Answer, miss, close or end events that found no open leg."
+)
+EXTENSION_OVERFLOW = MetricSpec(
+    "mcn_extension_overflow",
+    'Events reported under extension="other" because the account reached limits.max_extensions.',
+)
+WEBHOOK_EVENTS = MetricSpec(
+    "mcn_webhook_events", "Webhook events accepted, including retries.", ("service", "event_type")
+)
+WEBHOOK_REJECTED = MetricSpec("mcn_webhook_rejected", "Webhook requests refused.", ("reason",))
+LAST_EVENT = MetricSpec(
+    "mcn_last_event_timestamp_seconds",
+    "Unix time of the last accepted webhook event.",
+    ("account", "service"),
+)
+EXTENSION_INFO = MetricSpec(
+    "mcn_extension_info", "Configured extensions: name and extra labels; always 1."
+)
+BUILD_INFO = MetricSpec(
+    "mcn_exporter_build_info", "Version of the exporter; always 1.", ("version",)
+)
+
+TALLY_METRICS = {
+    TallyKind.STARTED: CALLS_STARTED,
+    TallyKind.ENDED: CALLS_ENDED,
+    TallyKind.UNMATCHED: EVENTS_UNMATCHED,
+    TallyKind.OVERFLOW: EXTENSION_OVERFLOW,
+}
+TIMING_METRICS = {TallyKind.RING: RING_SECONDS, TallyKind.TALK: TALK_SECONDS}
+
+REJECTION_REASONS = (
+    "malformed",
+    "invalid",
+    "unauthorized",
+    "unknown_account",
+    "too_large",
+    "method_not_allowed",
+    "store_unavailable",
+)
+INBOUND_OUTCOMES: tuple[Outcome, ...] = (
+    Outcome.ANSWERED,
+    Outcome.MISSED,
+    Outcome.CANCELLED,
+    Outcome.EXPIRED,
+)
+OUTBOUND_OUTCOMES: tuple[Outcome, ...] = (Outcome.ANSWERED, Outcome.UNANSWERED, Outcome.EXPIRED)
+TELEPHONY_OUTCOMES: tuple[Outcome, ...] = (Outcome.COMPLETED, Outcome.EXPIRED)
+
+
+class DeliveryCounters:
+    """What arrived over HTTP: per process, summed over workers at scrape time."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self._events = Counter(
+            WEBHOOK_EVENTS.name, WEBHOOK_EVENTS.help, WEBHOOK_EVENTS.labels, registry=registry
+        )
+        self._rejected = Counter(
+            WEBHOOK_REJECTED.name,
+            WEBHOOK_REJECTED.help,
+            WEBHOOK_REJECTED.labels,
+            registry=registry,
+        )
+        # Children looked up once: the labels() call costs more than the increment itself.
+        self._event_children = {
+            (kind.service.value, name): self._events.labels(kind.service.value, name)
+            for name, kind in EVENT_KINDS.items()
+        }
+        for service in Service:
+            self._event_children[(service.value, UNKNOWN_EVENT)] = self._events.labels(
+                service.value, UNKNOWN_EVENT
+            )
+        self._rejected_children = {
+            reason: self._rejected.labels(reason) for reason in REJECTION_REASONS
+        }
+
+    def event_taken(self, event: CallEvent) -> None:
+        self._event_children[(event.service.value, event.event_type)].inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected_children[reason].inc()
+
+
+class StoreCollector(Collector):
+    """Call metrics read from the call store at scrape time."""
+
+    def __init__(self, store: CallStore) -> None:
+        self._store = store
+        self._layout = store.layout
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._store.snapshot()
+        yield _active_calls(snapshot)
+        for kind, spec in TALLY_METRICS.items():
+            family = CounterMetricFamily(
+                spec.name, spec.help, labels=self._layout.label_names(kind)
+            )
+            for labels, value in sorted(snapshot.counters.get(kind, {}).items()):
+                family.add_metric(labels, value)
+            yield family
+        for kind, spec in TIMING_METRICS.items():
+            yield self._histogram(kind, spec, snapshot.timings.get(kind, []))
+        yield _last_events(snapshot)
+
+    def _histogram(
+        self, kind: TallyKind, spec: MetricSpec, series: list[TimingSeries]
+    ) -> HistogramMetricFamily:
+        names = self._layout.label_names(kind)
+        family = HistogramMetricFamily(spec.name, spec.help, labels=names)
+        bounds = (*self._layout.buckets(kind), math.inf)
+        for one in sorted(series, key=lambda s: s.labels):
+            if len(one.labels) != len(names):
+                continue  # written before metrics.histogram_extension_label was switched
+            # Rows keep the bound they were counted under; re-bin them onto today's buckets.
+            cumulative = [
+                (floatToGoString(bound), sum(n for le, n in one.buckets.items() if le <= bound))
+                for bound in bounds
+            ]
+            family.add_metric(one.labels, cumulative, one.total)
+        return family
+
+
+class ConfigCollector(Collector):
+    """Info metrics: the configured extensions and the build."""
+
+    def __init__(self, config: Config) -> None:
+        self._families = list(_info_families(config))
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+class WorkerFilesCollector(Collector):
+    """prometheus_client's multiprocess files, minus any a killed worker left unreadable.
+
+    A worker killed while growing its file can leave it short or empty, which makes the stock
+    collector fail every scrape until restart (client_python #1199).
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def collect(self) -> Iterable[Metric]:
+        files = glob.glob(os.path.join(self._path, "*.db"))
+        try:
+            merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)
+        except Exception:
+            readable = [name for name in files if _readable(name)]
+            log.warning(
+                "skipping %d unreadable metrics file(s) in %s",
+                len(files) - len(readable),
+                self._path,
+            )
+            merged = MultiProcessCollector.merge(readable, accumulate=True)
+        return merged
+
+
+class Scrape:
+    """Renders /metrics in the format and encoding the scraper asks for."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def render(self, accept: str | None, accept_encoding: str | None) -> tuple[bytes, str, bool]:
+        """Returns the body, its content type and whether it is gzip-compressed."""
+        encoder, content_type = choose_encoder(accept or "")
+        body = encoder(self._registry)
+        if "gzip" in (accept_encoding or ""):
+            return gzip.compress(body, compresslevel=1), content_type, True
+        return body, content_type, False
+
+
+def build_metrics(
+    store: CallStore, config: Config, multiprocess_dir: str | None
+) -> tuple[DeliveryCounters, Scrape]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(store))
+    registry.register(ConfigCollector(config))
+    if multiprocess_dir:
+        registry.register(WorkerFilesCollector(multiprocess_dir))
+        counters = DeliveryCounters(registry=None)
+    else:
+        counters = DeliveryCounters(registry=registry)
+    return counters, Scrape(registry)
+
+
+def initial_rows(config: Config, layout: TallyLayout) -> list[CounterRow | TimingRow]:
+    """The series of configured accounts and extensions, so they start at 0 (SPEC §3)."""
+    rows: list[CounterRow | TimingRow] = [
+        CounterRow(TallyKind.UNMATCHED, (name,))
+        for name, kind in EVENT_KINDS.items()
+        if kind.step is not Step.START
+    ]
+    for account in config.accounts:
+        rows.append(CounterRow(TallyKind.OVERFLOW, (str(account),)))
+        legs: list[tuple[Service, Direction, str, tuple[Outcome, ...]]] = [
+            (Service.TELEPHONY, Direction.INBOUND, "", TELEPHONY_OUTCOMES)
+        ]
+        for extension in config.extensions.get(account, {}):
+            legs.append((Service.VPBX, Direction.INBOUND, extension, INBOUND_OUTCOMES))
+            legs.append((Service.VPBX, Direction.OUTBOUND, extension, OUTBOUND_OUTCOMES))
+        for service, direction, extension, outcomes in legs:
+            leg: tuple[str, ...] = (str(account), service.value, direction.value, extension)
+            rows.append(CounterRow(TallyKind.STARTED, leg))
+            rows.extend(CounterRow(TallyKind.ENDED, (*leg, o.value)) for o in outcomes)
+            if layout.timings_by_extension:
+                rows.extend(_zero_timings(layout, leg, outcomes))
+        if not layout.timings_by_extension:
+            for service, direction, _, outcomes in (
+                legs[0],
+                (Service.VPBX, Direction.INBOUND, "", INBOUND_OUTCOMES),
+                (Service.VPBX, Direction.OUTBOUND, "", OUTBOUND_OUTCOMES),
+            ):
+                leg = (str(account), service.value, direction.value, "")
+                rows.extend(_zero_timings(layout, leg, outcomes))
+    return rows
+
+
+def _zero_timings(
+    layout: TallyLayout, leg: tuple[str, ...], outcomes: tuple[Outcome, ...]
+) -> Iterator[TimingRow]:
+    extension = leg[3:] if layout.timings_by_extension else ()
+    for outcome in outcomes:
+        if outcome is not Outcome.COMPLETED:
+            yield TimingRow(TallyKind.RING, (*leg[:3], outcome.value, *extension), math.inf, 0)
+    yield TimingRow(TallyKind.TALK, (*leg[:3], *extension), math.inf, 0)
+
+
+def _active_calls(snapshot: StoreSnapshot) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(ACTIVE_CALLS.name, ACTIVE_CALLS.help, labels=ACTIVE_CALLS.labels)
+    # Every leg series ever started shows, at 0 when idle, so graphs drop to zero, not vanish.
+    values = dict.fromkeys(snapshot.counters.get(TallyKind.STARTED, {}), 0)
+    for labels, count in snapshot.active.items():
+        key: tuple[str, ...] = (
+            str(labels.account),
+            labels.service.value,
+            labels.direction.value,
+            labels.extension,
+        )
+        values[key] = count
+    for key, count in sorted(values.items()):
+        family.add_metric(key, count)
+    return family
+
+
+def _last_events(snapshot: StoreSnapshot) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(LAST_EVENT.name, LAST_EVENT.help, labels=LAST_EVENT.labels)
+    for (account, service), at in sorted(snapshot.last_events.items()):
+        family.add_metric((str(account), service.value), at)
+    return family
+
+
+def _info_families(config: Config) -> Iterator[Metric]:
+    extra = sorted(
+        {
+            label
+            for extensions in config.extensions.values()
+            for extension in extensions.values()
+            for label in extension.labels
+        }
+    )
+    info = GaugeMetricFamily(
+        EXTENSION_INFO.name, EXTENSION_INFO.help, labels=("account", "extension", "name", *extra)
+    )
+    for account, extensions in sorted(config.extensions.items()):
+        for number, extension in sorted(extensions.items()):
+            values = [extension.labels.get(label, "") for label in extra]
+            info.add_metric((str(account), number, extension.name, *values), 1)
+    yield info
+    build = GaugeMetricFamily(BUILD_INFO.name, BUILD_INFO.help, labels=BUILD_INFO.labels)
+    build.add_metric((__version__,), 1)
+    yield build
+
+
+def _readable(path: str) -> bool:
+    try:
+        for key, _value, _timestamp, _pos in MmapedDict.read_all_values_from_file(path):
+            json.loads(key)
+    except Exception:
+        return False
+    return True

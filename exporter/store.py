@@ -1,0 +1,466 @@
+"""The call store: open legs and call totals, shared by every worker and kept across restarts.
+
+`CallStore` is what the tracker and the metrics need; `SqliteCallStore` keeps it in one SQLite
+file in WAL mode. A leg's change and the totals it implies are written in one transaction, so a
+worker killed at any instant leaves either both or neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from exporter.events import CallEvent, Direction, Service
+from exporter.legs import (
+    CounterRow,
+    Leg,
+    LegLabels,
+    Outcome,
+    Tally,
+    TallyKind,
+    TallyLayout,
+    TimingRow,
+)
+
+R = TypeVar("R")
+SCHEMA_VERSION = "1"
+BUSY_TIMEOUT_MS = 10_000
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be read or written right now (locked, disk full, file gone)."""
+
+
+@dataclass(frozen=True)
+class TimingSeries:
+    labels: tuple[str, ...]
+    buckets: dict[float, int]  # upper bound -> observations in that bucket alone
+    total: float
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """Everything /metrics shows from the store, read in one consistent view."""
+
+    counters: dict[TallyKind, dict[tuple[str, ...], float]] = field(default_factory=dict)
+    timings: dict[TallyKind, list[TimingSeries]] = field(default_factory=dict)
+    active: dict[LegLabels, int] = field(default_factory=dict)
+    last_events: dict[tuple[int, Service], float] = field(default_factory=dict)
+
+
+class StoreTransaction(Protocol):
+    def candidate_legs(self, event: CallEvent, closed_since: float) -> list[Leg]:
+        """Legs this event may belong to, oldest first.
+
+        With a call_id: the leg of (account, call_id, abon), open or closed. Without: the open
+        legs of (account, service, direction, abon, did) and those closed since `closed_since`.
+        """
+
+    def insert_leg(self, leg: Leg, did: str | None) -> None: ...
+
+    def save_leg(self, leg: Leg) -> None:
+        """Write back a leg's answer time, close time and outcome."""
+
+    def open_legs_before(self, opened_before: float) -> list[Leg]: ...
+
+    def forget_closed_before(self, closed_before: float) -> None: ...
+
+    def admit_extension(self, account: int, extension: str, limit: int) -> bool:
+        """True if the extension has, or now gets, one of the account's `limit` places."""
+
+    def touch(self, account: int, service: Service, at: float) -> None: ...
+
+    def record(self, tallies: Iterable[Tally]) -> None: ...
+
+
+class CallStore(Protocol):
+    layout: TallyLayout
+
+    def transaction(self) -> AbstractContextManager[StoreTransaction]: ...
+
+    def snapshot(self) -> StoreSnapshot: ...
+
+    def ensure_rows(self, rows: Iterable[CounterRow | TimingRow]) -> None:
+        """Create these series at zero unless they exist."""
+
+    def ping(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS legs (
+    id INTEGER PRIMARY KEY,
+    account INTEGER NOT NULL,
+    service TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    abon TEXT NOT NULL,
+    extension TEXT NOT NULL,
+    party TEXT NOT NULL,
+    call_id TEXT,
+    opened_at REAL NOT NULL,
+    started_at REAL,
+    answered_at REAL,
+    closed_at REAL,
+    outcome TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS legs_by_call_id
+    ON legs (account, call_id, abon) WHERE call_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS legs_by_party
+    ON legs (account, service, direction, abon, party, opened_at) WHERE call_id IS NULL;
+CREATE INDEX IF NOT EXISTS legs_open ON legs (opened_at) WHERE closed_at IS NULL;
+CREATE INDEX IF NOT EXISTS legs_closed ON legs (closed_at) WHERE closed_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS active_legs (
+    account INTEGER, service TEXT, direction TEXT, extension TEXT, count INTEGER NOT NULL,
+    PRIMARY KEY (account, service, direction, extension)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (
+    kind TEXT, labels TEXT, value REAL NOT NULL, PRIMARY KEY (kind, labels)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS timings (
+    kind TEXT, labels TEXT, bucket REAL, count INTEGER NOT NULL, total REAL NOT NULL,
+    PRIMARY KEY (kind, labels, bucket)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS extensions (
+    account INTEGER, extension TEXT, PRIMARY KEY (account, extension)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS last_events (
+    account INTEGER, service TEXT, at REAL NOT NULL, PRIMARY KEY (account, service)
+) WITHOUT ROWID;
+"""
+
+LEG_COLUMNS = (
+    "id, account, service, direction, abon, extension, call_id,"
+    " opened_at, started_at, answered_at, closed_at, outcome"
+)
+
+
+class SqliteCallStore:
+    """A CallStore in one SQLite file. Each thread gets its own connection."""
+
+    def __init__(self, path: str | Path, layout: TallyLayout) -> None:
+        self.path = Path(path)
+        self.layout = layout
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        # One writer per process at a time: threads queue here instead of in SQLite's busy loop.
+        self._write_lock = threading.Lock()
+        self._party_key = b""
+        self._guard(self._initialise)
+
+    # -- CallStore -----------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[StoreTransaction]:
+        with self._write_lock:
+            connection = self._connection()
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(str(exc)) from exc
+            try:
+                yield _SqliteTransaction(connection, self.layout, self._party_key)
+                connection.execute("COMMIT")
+            except BaseException as exc:
+                connection.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreUnavailable(str(exc)) from exc
+                raise
+
+    def snapshot(self) -> StoreSnapshot:
+        return self._guard(self._read_snapshot)
+
+    def ensure_rows(self, rows: Iterable[CounterRow | TimingRow]) -> None:
+        counters, timings = [], []
+        for row in rows:
+            if isinstance(row, CounterRow):
+                counters.append((row.kind.value, _key(row.labels)))
+            else:
+                timings.append((row.kind.value, _key(row.labels), row.bucket))
+        with self.transaction() as tx:
+            assert isinstance(tx, _SqliteTransaction)
+            tx.connection.executemany("INSERT OR IGNORE INTO counters VALUES (?, ?, 0)", counters)
+            tx.connection.executemany(
+                "INSERT OR IGNORE INTO timings VALUES (?, ?, ?, 0, 0)", timings
+            )
+
+    def ping(self) -> None:
+        self._guard(lambda: self._connection().execute("SELECT count(*) FROM meta").fetchone())
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- inside --------------------------------------------------------------------------------
+
+    def _initialise(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = self._connection()
+        connection.execute("PRAGMA journal_mode=WAL")
+        with self._write_lock:
+            connection.execute("BEGIN IMMEDIATE")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            connection.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+            )
+            connection.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('party_key', ?)", (secrets.token_hex(16),)
+            )
+            row = connection.execute("SELECT value FROM meta WHERE key = 'party_key'").fetchone()
+            connection.execute("COMMIT")
+        self._party_key = bytes.fromhex(row[0])
+
+    def _connection(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+            )
+            # NORMAL in WAL mode: a killed process loses nothing; only a power cut can lose
+            # the last commits, never the file's consistency.
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._local.connection = connection
+            with self._connections_lock:
+                self._connections.append(connection)
+        return connection
+
+    def _read_snapshot(self) -> StoreSnapshot:
+        connection = self._connection()
+        connection.execute("BEGIN")
+        try:
+            counters: dict[TallyKind, dict[tuple[str, ...], float]] = {}
+            for kind, labels, value in connection.execute("SELECT * FROM counters"):
+                counters.setdefault(TallyKind(kind), {})[_labels(labels)] = value
+            buckets: dict[tuple[TallyKind, str], dict[float, int]] = {}
+            totals: dict[tuple[TallyKind, str], float] = {}
+            for kind, labels, bucket, count, total in connection.execute("SELECT * FROM timings"):
+                key = (TallyKind(kind), labels)
+                buckets.setdefault(key, {})[bucket] = count
+                totals[key] = totals.get(key, 0.0) + total
+            active = {
+                LegLabels(account, Service(service), Direction(direction), extension): count
+                for account, service, direction, extension, count in connection.execute(
+                    "SELECT * FROM active_legs"
+                )
+            }
+            last_events = {
+                (account, Service(service)): at
+                for account, service, at in connection.execute("SELECT * FROM last_events")
+            }
+        finally:
+            connection.execute("COMMIT")
+        return StoreSnapshot(
+            counters=counters,
+            timings=_timing_series(buckets, totals),
+            active=active,
+            last_events=last_events,
+        )
+
+    def _guard(self, action: Callable[[], R]) -> R:
+        try:
+            return action()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+
+class _SqliteTransaction:
+    def __init__(self, connection: sqlite3.Connection, layout: TallyLayout, key: bytes) -> None:
+        self.connection = connection
+        self.layout = layout
+        self._party_key = key
+
+    def candidate_legs(self, event: CallEvent, closed_since: float) -> list[Leg]:
+        if event.call_id is not None:
+            rows = self.connection.execute(
+                f"SELECT {LEG_COLUMNS} FROM legs WHERE account = ? AND call_id = ? AND abon = ?",
+                (event.account, event.call_id, event.abon),
+            )
+        else:
+            assert event.kind is not None
+            rows = self.connection.execute(
+                f"SELECT {LEG_COLUMNS} FROM legs"
+                " WHERE account = ? AND service = ? AND direction = ? AND abon = ? AND party = ?"
+                " AND call_id IS NULL AND (closed_at IS NULL OR closed_at >= ?)"
+                " ORDER BY opened_at, id",
+                (
+                    event.account,
+                    event.service.value,
+                    event.kind.direction.value,
+                    event.abon,
+                    self._party(event.did),
+                    closed_since,
+                ),
+            )
+        return [_leg(row) for row in rows]
+
+    def insert_leg(self, leg: Leg, did: str | None) -> None:
+        labels = leg.labels
+        cursor = self.connection.execute(
+            "INSERT INTO legs (account, service, direction, abon, extension, party, call_id,"
+            " opened_at, started_at, answered_at, closed_at, outcome)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                labels.account,
+                labels.service.value,
+                labels.direction.value,
+                leg.abon,
+                labels.extension,
+                self._party(did),
+                leg.call_id,
+                leg.opened_at,
+                leg.started_at,
+                leg.answered_at,
+                leg.closed_at,
+                leg.outcome.value if leg.outcome else None,
+            ),
+        )
+        leg.id = cursor.lastrowid
+        if leg.is_open:
+            self._count_active(labels, +1)
+
+    def save_leg(self, leg: Leg) -> None:
+        cursor = self.connection.execute(
+            "UPDATE legs SET answered_at = ?, closed_at = ?, outcome = ?"
+            " WHERE id = ? AND closed_at IS NULL",
+            (leg.answered_at, leg.closed_at, leg.outcome.value if leg.outcome else None, leg.id),
+        )
+        if cursor.rowcount and not leg.is_open:
+            self._count_active(leg.labels, -1)
+
+    def open_legs_before(self, opened_before: float) -> list[Leg]:
+        rows = self.connection.execute(
+            f"SELECT {LEG_COLUMNS} FROM legs WHERE closed_at IS NULL AND opened_at < ?"
+            " ORDER BY opened_at",
+            (opened_before,),
+        )
+        return [_leg(row) for row in rows]
+
+    def forget_closed_before(self, closed_before: float) -> None:
+        self.connection.execute("DELETE FROM legs WHERE closed_at < ?", (closed_before,))
+
+    def admit_extension(self, account: int, extension: str, limit: int) -> bool:
+        known = self.connection.execute(
+            "SELECT 1 FROM extensions WHERE account = ? AND extension = ?", (account, extension)
+        ).fetchone()
+        if known:
+            return True
+        (used,) = self.connection.execute(
+            "SELECT count(*) FROM extensions WHERE account = ?", (account,)
+        ).fetchone()
+        if used >= limit:
+            return False
+        self.connection.execute("INSERT INTO extensions VALUES (?, ?)", (account, extension))
+        return True
+
+    def touch(self, account: int, service: Service, at: float) -> None:
+        self.connection.execute(
+            "INSERT INTO last_events VALUES (?, ?, ?)"
+            " ON CONFLICT DO UPDATE SET at = max(at, excluded.at)",
+            (account, service.value, at),
+        )
+
+    def record(self, tallies: Iterable[Tally]) -> None:
+        for tally in tallies:
+            for row in self.layout.rows(tally):
+                if isinstance(row, CounterRow):
+                    self.connection.execute(
+                        "INSERT INTO counters VALUES (?, ?, 1)"
+                        " ON CONFLICT DO UPDATE SET value = value + 1",
+                        (row.kind.value, _key(row.labels)),
+                    )
+                else:
+                    self.connection.execute(
+                        "INSERT INTO timings VALUES (?, ?, ?, 1, ?)"
+                        " ON CONFLICT DO UPDATE"
+                        " SET count = count + 1, total = total + excluded.total",
+                        (row.kind.value, _key(row.labels), row.bucket, row.seconds),
+                    )
+
+    def _count_active(self, labels: LegLabels, change: int) -> None:
+        self.connection.execute(
+            "INSERT INTO active_legs VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT DO UPDATE SET count = count + excluded.count",
+            (
+                labels.account,
+                labels.service.value,
+                labels.direction.value,
+                labels.extension,
+                change,
+            ),
+        )
+
+    def _party(self, did: str | None) -> str:
+        # The other party's number only matters for matching legs without a call_id: keep a
+        # keyed digest of it, never the number itself.
+        digest = hmac.new(
+            self._party_key, (did or "").encode("utf-8", "surrogatepass"), hashlib.sha256
+        )
+        return digest.hexdigest()[:16]
+
+
+def _leg(row: Any) -> Leg:
+    (
+        leg_id,
+        account,
+        service,
+        direction,
+        abon,
+        extension,
+        call_id,
+        opened_at,
+        started_at,
+        answered_at,
+        closed_at,
+        outcome,
+    ) = row
+    return Leg(
+        labels=LegLabels(account, Service(service), Direction(direction), extension),
+        abon=abon,
+        call_id=call_id,
+        opened_at=opened_at,
+        started_at=started_at,
+        answered_at=answered_at,
+        closed_at=closed_at,
+        outcome=Outcome(outcome) if outcome else None,
+        id=leg_id,
+    )
+
+
+def _timing_series(
+    buckets: dict[tuple[TallyKind, str], dict[float, int]],
+    totals: dict[tuple[TallyKind, str], float],
+) -> dict[TallyKind, list[TimingSeries]]:
+    series: dict[TallyKind, list[TimingSeries]] = {}
+    for (kind, labels), counts in buckets.items():
+        series.setdefault(kind, []).append(
+            TimingSeries(_labels(labels), counts, totals[(kind, labels)])
+        )
+    return series
+
+
+def _key(labels: tuple[str, ...]) -> str:
+    return json.dumps(labels, separators=(",", ":"))
+
+
+def _labels(key: str) -> tuple[str, ...]:
+    return tuple(json.loads(key))
