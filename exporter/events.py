@@ -108,7 +108,9 @@ class WebhookParser:
         account = _account_id(document)
         expected = self._secrets.get(account)
         if expected is None:
-            raise Rejection(UNKNOWN_ACCOUNT, f"account {account} is not configured", "account_id")
+            raise Rejection(
+                UNKNOWN_ACCOUNT, f"account_id {account} is not a configured account", "account_id"
+            )
         _check_secret(document.get("secret"), expected)
         return _event(document, account)
 

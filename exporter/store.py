@@ -14,7 +14,7 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -164,16 +164,13 @@ class SqliteCallStore:
     @contextmanager
     def transaction(self) -> Iterator[StoreTransaction]:
         with self._write_lock:
-            connection = self._connection()
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(str(exc)) from exc
+            connection = self._guard(self._connection)
+            self._guard(lambda: connection.execute("BEGIN IMMEDIATE"))
             try:
                 yield _SqliteTransaction(connection, self.layout, self._party_key)
                 connection.execute("COMMIT")
             except BaseException as exc:
-                connection.execute("ROLLBACK")
+                _rollback(connection)
                 if isinstance(exc, sqlite3.Error):
                     raise StoreUnavailable(str(exc)) from exc
                 raise
@@ -235,10 +232,14 @@ class SqliteCallStore:
                 check_same_thread=False,
                 timeout=BUSY_TIMEOUT_MS / 1000,
             )
-            # NORMAL in WAL mode: a killed process loses nothing; only a power cut can lose
-            # the last commits, never the file's consistency.
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            try:
+                # NORMAL in WAL mode: a killed process loses nothing; only a power cut can lose
+                # the last commits, never the file's consistency.
+                connection.execute("PRAGMA synchronous=NORMAL")
+                connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            except sqlite3.Error:
+                connection.close()
+                raise
             self._local.connection = connection
             with self._connections_lock:
                 self._connections.append(connection)
@@ -416,6 +417,11 @@ class _SqliteTransaction:
             self._party_key, (did or "").encode("utf-8", "surrogatepass"), hashlib.sha256
         )
         return digest.hexdigest()[:16]
+
+
+def _rollback(connection: sqlite3.Connection) -> None:
+    with suppress(sqlite3.Error):  # a failed COMMIT may already have rolled back
+        connection.execute("ROLLBACK")
 
 
 def _leg(row: Any) -> Leg:

@@ -1,0 +1,261 @@
+"""Shared fixtures: a controllable clock, configs, the Falcon test client and a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import falcon.testing
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.app import Deps, build_deps, create_app
+from exporter.config import Config, parse_config
+
+WEBHOOKS = Path(__file__).parent / "webhooks"
+ACCOUNT = 10123
+SECRET = "SecretToken"
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+class FakeClock:
+    """A clock the test moves by hand; starts at a fixed, realistic time."""
+
+    def __init__(self, now: float = 1_790_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "accounts": [{"id": ACCOUNT, "secret": SECRET, "name": "Main office"}],
+        "store": {"path": str(tmp_path / "calls.sqlite3")},
+    }
+    document.update(sections)
+    return document
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def config_document(tmp_path: Path) -> dict[str, Any]:
+    """Edit this in a test (before using `app`) to change the configuration."""
+    return base_config(tmp_path)
+
+
+@pytest.fixture
+def config(config_document: dict[str, Any]) -> Config:
+    return parse_config(config_document)
+
+
+@pytest.fixture
+def deps(config: Config, clock: FakeClock) -> Iterator[Deps]:
+    from exporter.server import initialise_store
+
+    initialise_store(config)
+    built = build_deps(config, clock=clock)
+    yield built
+    built.store.close()
+
+
+@dataclass
+class Exporter:
+    """The app behind Falcon's test client, with helpers that speak webhook."""
+
+    client: falcon.testing.TestClient
+    clock: FakeClock
+    deps: Deps
+
+    def post(self, body: dict[str, Any] | bytes | str, **kwargs: Any) -> falcon.testing.Result:
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        return self.client.simulate_post("/webhook", body=body, **kwargs)
+
+    def event(self, event_type: str, **fields: Any) -> falcon.testing.Result:
+        body = {"event_type": event_type, "secret": SECRET, "account_id": ACCOUNT, **fields}
+        result = self.post(body)
+        assert result.status_code == 200, result.text
+        return result
+
+    def samples(self) -> Samples:
+        result = self.client.simulate_get("/metrics")
+        assert result.status_code == 200, result.text
+        return parse_samples(result.text)
+
+
+@pytest.fixture
+def exporter(deps: Deps, clock: FakeClock) -> Exporter:
+    return Exporter(falcon.testing.TestClient(create_app(deps)), clock, deps)
+
+
+def parse_samples(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+CALL_METRICS = (
+    "mcn_active_calls",
+    "mcn_calls_started_total",
+    "mcn_calls_ended_total",
+    "mcn_call_ring_seconds_count",
+    "mcn_call_ring_seconds_sum",
+    "mcn_call_talk_seconds_count",
+    "mcn_call_talk_seconds_sum",
+    "mcn_call_events_unmatched_total",
+    "mcn_extension_overflow_total",
+)
+
+
+def call_totals(samples: Samples) -> dict[str, dict[str, float]]:
+    """The non-zero call samples, as {metric: {"k=v,k=v": value}}: compact to assert on."""
+    totals: dict[str, dict[str, float]] = {}
+    for name in CALL_METRICS:
+        for labels, value in samples.get(name, {}).items():
+            if value:
+                totals.setdefault(name, {})[",".join(f"{k}={v}" for k, v in labels)] = value
+    return totals
+
+
+def webhook(name: str) -> bytes:
+    return next(WEBHOOKS.glob(f"*/{name}.json")).read_bytes()
+
+
+def all_webhooks() -> list[Path]:
+    return sorted(WEBHOOKS.glob("*/*.json"))
+
+
+# -- a real server ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    """`mcn-exporter serve` in a subprocess, on a free port of the loopback."""
+
+    config_path: Path
+    workers: int = 3
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.log_path = self.config_path.with_suffix(f".{self.port}.log")
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "exporter", "serve", "--config", str(self.config_path),
+                "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if self.get("/healthz")[0] == 200 and len(self.worker_pids()) == self.workers:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not come up:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+    def worker_pids(self) -> list[int]:
+        assert self.process is not None
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            return []
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def post(self, body: bytes, path: str = "/webhook") -> tuple[int, bytes]:
+        request = urllib.request.Request(self.url + path, data=body, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def samples(self) -> Samples:
+        status, body = self.get("/metrics")
+        assert status == 200, body
+        return parse_samples(body.decode())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+
+@pytest.fixture
+def server_config(tmp_path: Path) -> Callable[..., Path]:
+    """Writes a config file for a real server; keyword arguments replace whole sections."""
+
+    def write(**sections: Any) -> Path:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(base_config(tmp_path, **sections)))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def start_server(server_config: Callable[..., Path]) -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def start(workers: int = 3, **sections: Any) -> ServerProcess:
+        server = ServerProcess(server_config(**sections), workers=workers)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.process and server.process.poll() is None:
+            server.stop(signal.SIGKILL)

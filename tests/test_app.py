@@ -1,0 +1,216 @@
+"""The HTTP interface of SPEC §4, through Falcon's test client."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ACCOUNT, SECRET, Exporter, Samples, webhook
+
+GOOD = {"event_type": "onInCallingStart", "abon": "108", "secret": SECRET, "account_id": ACCOUNT}
+
+
+def without(document: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in document.items() if k != key}
+
+
+def rejected(samples: Samples, reason: str) -> float:
+    return samples["mcn_webhook_rejected_total"][(("reason", reason),)]
+
+
+def assert_only_rejection_changed(before: Samples, after: Samples, reason: str) -> None:
+    key = (("reason", reason),)
+    assert after["mcn_webhook_rejected_total"][key] == before["mcn_webhook_rejected_total"][key] + 1
+    after["mcn_webhook_rejected_total"][key] -= 1
+    assert after == before
+
+
+BAD_BODIES: list[tuple[str, bytes, int, str, str | None]] = [
+    # (name, body, status, reason, field named in the answer)
+    ("not json", b"event_type=onInCallingStart", 400, "malformed", None),
+    ("empty body", b"", 400, "malformed", None),
+    ("json array", b'[{"event_type": "onInCallingStart"}]', 400, "malformed", None),
+    ("json string", b'"onInCallingStart"', 400, "malformed", None),
+    ("json null", b"null", 400, "malformed", None),
+    ("bad utf-8", b'{"event_type": "\xff\xfe"}', 400, "malformed", None),
+    ("deep nesting", b"[" * 30_000 + b"]" * 30_000, 400, "malformed", None),
+    ("huge integer", b'{"account_id": 1' + b"0" * 5000 + b"}", 400, "malformed", None),
+    ("no account_id", json.dumps(without(GOOD, "account_id")).encode(), 422, "invalid",
+     "account_id"),
+    ("account_id true", json.dumps({**GOOD, "account_id": True}).encode(), 422, "invalid",
+     "account_id"),
+    ("account_id float", json.dumps({**GOOD, "account_id": 10123.0}).encode(), 422, "invalid",
+     "account_id"),
+    ("account_id negative", json.dumps({**GOOD, "account_id": -10123}).encode(), 422, "invalid",
+     "account_id"),
+    ("account_id letters", json.dumps({**GOOD, "account_id": "10123a"}).encode(), 422, "invalid",
+     "account_id"),
+    ("account_id huge", json.dumps({**GOOD, "account_id": 10**40}).encode(), 422, "invalid",
+     "account_id"),
+    ("unknown account", json.dumps({**GOOD, "account_id": 999}).encode(), 403, "unknown_account",
+     "account_id"),
+    ("wrong secret", json.dumps({**GOOD, "secret": "guess"}).encode(), 401, "unauthorized",
+     "secret"),
+    ("no secret", json.dumps(without(GOOD, "secret")).encode(), 401, "unauthorized", "secret"),
+    ("secret a number", json.dumps({**GOOD, "secret": 1234}).encode(), 401, "unauthorized",
+     "secret"),
+    ("no event_type", json.dumps(without(GOOD, "event_type")).encode(), 422, "invalid",
+     "event_type"),
+    ("event_type a list", json.dumps({**GOOD, "event_type": ["x"]}).encode(), 422, "invalid",
+     "event_type"),
+    ("vpbx without abon", json.dumps(without(GOOD, "abon")).encode(), 422, "invalid", "abon"),
+    ("abon too long", json.dumps({**GOOD, "abon": "1" * 33}).encode(), 422, "invalid", "abon"),
+    ("abon odd characters", json.dumps({**GOOD, "abon": "10 8"}).encode(), 422, "invalid", "abon"),
+    ("abon a float", json.dumps({**GOOD, "abon": 108.0}).encode(), 422, "invalid", "abon"),
+    ("abon a boolean", json.dumps({**GOOD, "abon": True}).encode(), 422, "invalid", "abon"),
+    ("did a number", json.dumps({**GOOD, "did": 421222202999}).encode(), 422, "invalid", "did"),
+    ("call_id an object", json.dumps({**GOOD, "call_id": {"a": 1}}).encode(), 422, "invalid",
+     "call_id"),
+    ("billsec negative", json.dumps({**GOOD, "billsec": -1}).encode(), 422, "invalid", "billsec"),
+    ("billsec a float", json.dumps({**GOOD, "billsec": 1.5}).encode(), 422, "invalid", "billsec"),
+    ("billsec huge", json.dumps({**GOOD, "billsec": 10**12}).encode(), 422, "invalid", "billsec"),
+    ("billsec text", json.dumps({**GOOD, "billsec": "long"}).encode(), 422, "invalid", "billsec"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason", "field"),
+    [pytest.param(body, status, reason, field, id=name) for name, body, status, reason, field
+     in BAD_BODIES],
+)
+def test_bad_input_is_refused_with_a_named_error_and_only_the_rejection_counter_moves(
+    exporter: Exporter, body: bytes, status: int, reason: str, field: str | None
+) -> None:
+    exporter.event("onInCallingStart", abon="101", did="+421900000001")
+    before = exporter.samples()
+
+    result = exporter.post(body, content_type="application/json")
+
+    assert result.status_code == status
+    assert result.json["status"] == "error"
+    assert result.json["reason"] == reason
+    assert result.json.get("field") == field
+    if field:
+        assert field in result.json["error"]
+    assert_only_rejection_changed(before, exporter.samples(), reason)
+
+
+def test_checks_run_in_order_so_an_unauthenticated_client_learns_nothing_more(
+    exporter: Exporter,
+) -> None:
+    unknown_account_bad_secret = {**GOOD, "account_id": 999, "secret": "x", "abon": "!"}
+    assert exporter.post(unknown_account_bad_secret).status_code == 403
+    bad_secret_bad_abon = {**GOOD, "secret": "x", "abon": "!", "billsec": -1}
+    assert exporter.post(bad_secret_bad_abon).status_code == 401
+    bad_account_bad_secret = {**GOOD, "account_id": "x", "secret": "x"}
+    assert exporter.post(bad_account_bad_secret).status_code == 422
+
+
+def test_body_over_the_limit_gets_413(exporter: Exporter) -> None:
+    before = exporter.samples()
+    padding = "x" * (64 * 1024)
+    result = exporter.post({**GOOD, "padding": padding})
+    assert result.status_code == 413
+    assert result.json["reason"] == "too_large"
+    assert_only_rejection_changed(before, exporter.samples(), "too_large")
+
+
+def test_body_just_under_the_limit_is_taken(exporter: Exporter) -> None:
+    body = json.dumps({**GOOD, "padding": ""})
+    body = json.dumps({**GOOD, "padding": "x" * (64 * 1024 - len(body))})
+    assert len(body) == 64 * 1024
+    assert exporter.post(body).status_code == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+def test_wrong_method_on_the_webhook_gets_405_and_is_counted(
+    exporter: Exporter, method: str
+) -> None:
+    before = exporter.samples()
+    result = exporter.client.simulate_request(method, "/webhook")
+    assert result.status_code == 405
+    assert result.json["reason"] == "method_not_allowed"
+    assert "POST" in result.headers["Allow"]
+    assert_only_rejection_changed(before, exporter.samples(), "method_not_allowed")
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "text/plain", "application/x-www-form-urlencoded", None]
+)
+def test_body_is_read_as_json_whatever_the_content_type(
+    exporter: Exporter, content_type: str | None
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    result = exporter.post(webhook("vpbx-inbound-start"), headers=headers)
+    assert result.status_code == 200
+    assert result.json == {"status": "ok"}
+
+
+def test_unknown_fields_are_ignored(exporter: Exporter) -> None:
+    result = exporter.post({**GOOD, "record": True, "who_answered": ["108"], "x": {"y": [1]}})
+    assert result.status_code == 200
+
+
+def test_metrics_in_prometheus_text_format_by_default(exporter: Exporter) -> None:
+    result = exporter.client.simulate_get("/metrics")
+    assert result.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert "# TYPE mcn_calls_ended_total counter" in result.text
+
+
+def test_metrics_in_openmetrics_on_request(exporter: Exporter) -> None:
+    result = exporter.client.simulate_get(
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert result.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert result.text.endswith("# EOF\n")
+    assert "# TYPE mcn_calls_ended counter" in result.text
+
+
+def test_metrics_gzip_when_asked(exporter: Exporter) -> None:
+    import gzip
+
+    result = exporter.client.simulate_get("/metrics", headers={"Accept-Encoding": "gzip"})
+    assert result.headers["Content-Encoding"] == "gzip"
+    assert b"mcn_active_calls" in gzip.decompress(result.content)
+
+
+def test_healthz(exporter: Exporter) -> None:
+    result = exporter.client.simulate_get("/healthz")
+    assert (result.status_code, result.json) == (200, {"status": "ok"})
+
+
+def test_readyz_is_ok_while_the_store_answers(exporter: Exporter) -> None:
+    assert exporter.client.simulate_get("/readyz").status_code == 200
+
+
+def test_readyz_is_503_when_the_store_is_unreadable(exporter: Exporter, tmp_path: Path) -> None:
+    exporter.deps.store.close()
+    for name in ("calls.sqlite3", "calls.sqlite3-wal", "calls.sqlite3-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / "calls.sqlite3").write_bytes(b"this is not a database" * 100)
+
+    result = exporter.client.simulate_get("/readyz")
+    assert result.status_code == 503
+    assert result.json["reason"] == "store_unavailable"
+    webhook_result = exporter.post(GOOD)
+    assert webhook_result.status_code == 503
+    assert webhook_result.headers["Retry-After"] == "5"
+
+
+def test_landing_page_links_the_endpoints_and_counts_active_calls(exporter: Exporter) -> None:
+    exporter.event("onInCallingStart", abon="108", did="+421900000002")
+    result = exporter.client.simulate_get("/")
+    assert result.status_code == 200
+    assert result.headers["Content-Type"].startswith("text/html")
+    for link in ("/metrics", "/healthz", "/readyz", "/webhook"):
+        assert link in result.text
+    assert "Active calls now: <b>1</b>" in result.text
+
+
+def test_unknown_path_is_404_json(exporter: Exporter) -> None:
+    result = exporter.client.simulate_get("/nope")
+    assert result.status_code == 404
+    assert result.json["status"] == "error"
