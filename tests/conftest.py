@@ -176,8 +176,16 @@ class ServerProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "exporter", "serve", "--config", str(self.config_path),
-                "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
+                sys.executable,
+                "-m",
+                "exporter",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                str(self.workers),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -16,7 +16,9 @@ def leg(direction: str = "inbound", extension: str = "108", service: str = "vpbx
     return f"account={ACCOUNT},direction={direction},extension={extension},service={service}"
 
 
-def ended(outcome: str, direction: str = "inbound", extension: str = "108", service: str = "vpbx") -> str:
+def ended(
+    outcome: str, direction: str = "inbound", extension: str = "108", service: str = "vpbx"
+) -> str:
     return (
         f"account={ACCOUNT},direction={direction},extension={extension},"
         f"outcome={outcome},service={service}"
@@ -28,7 +30,9 @@ def timing(direction: str = "inbound", service: str = "vpbx", outcome: str | Non
     return f"account={ACCOUNT},direction={direction}{middle},service={service}"
 
 
-def ring(outcome: str, seconds: float, count: int = 1, direction: str = "inbound") -> dict[str, Any]:
+def ring(
+    outcome: str, seconds: float, count: int = 1, direction: str = "inbound"
+) -> dict[str, Any]:
     key = timing(direction, outcome=outcome)
     return {
         "mcn_call_ring_seconds_count": {key: count},
