@@ -249,7 +249,10 @@ class _Reader:
         if not has_secret:
             self.error(f"{path}.secret", "required (or secret_file)")
             return None
+        errors_before = len(self.errors)
         secret = self.value(section, f"{path}.secret", str, "")
+        if len(self.errors) > errors_before:
+            return None
         if not secret.strip():
             self.error(f"{path}.secret", "must not be empty")
             return None

@@ -218,12 +218,12 @@ class Scrape:
     """Renders /metrics in the format and encoding the scraper asks for."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
+        self.registry = registry
 
     def render(self, accept: str | None, accept_encoding: str | None) -> tuple[bytes, str, bool]:
         """Returns the body, its content type and whether it is gzip-compressed."""
         encoder, content_type = choose_encoder(accept or "")
-        body = encoder(self._registry)
+        body = encoder(self.registry)
         if "gzip" in (accept_encoding or ""):
             return gzip.compress(body, compresslevel=1), content_type, True
         return body, content_type, False

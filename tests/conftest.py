@@ -58,22 +58,20 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def config_document(tmp_path: Path) -> dict[str, Any]:
-    """Edit this in a test (before using `app`) to change the configuration."""
-    return base_config(tmp_path)
+def config(tmp_path: Path) -> Config:
+    return parse_config(base_config(tmp_path))
 
 
-@pytest.fixture
-def config(config_document: dict[str, Any]) -> Config:
-    return parse_config(config_document)
+def build_test_deps(config: Config, clock: FakeClock) -> Deps:
+    from exporter.server import initialise_store
+
+    initialise_store(config)
+    return build_deps(config, clock=clock)
 
 
 @pytest.fixture
 def deps(config: Config, clock: FakeClock) -> Iterator[Deps]:
-    from exporter.server import initialise_store
-
-    initialise_store(config)
-    built = build_deps(config, clock=clock)
+    built = build_test_deps(config, clock)
     yield built
     built.store.close()
 
@@ -106,6 +104,22 @@ class Exporter:
 @pytest.fixture
 def exporter(deps: Deps, clock: FakeClock) -> Exporter:
     return Exporter(falcon.testing.TestClient(create_app(deps)), clock, deps)
+
+
+@pytest.fixture
+def make_exporter(tmp_path: Path, clock: FakeClock) -> Iterator[Callable[..., Exporter]]:
+    """An exporter on a config of your own: keyword arguments replace whole sections."""
+    built: list[Deps] = []
+
+    def make(**sections: Any) -> Exporter:
+        config = parse_config(base_config(tmp_path, **sections))
+        deps = build_test_deps(config, clock)
+        built.append(deps)
+        return Exporter(falcon.testing.TestClient(create_app(deps)), clock, deps)
+
+    yield make
+    for deps in built:
+        deps.store.close()
 
 
 def parse_samples(text: str) -> Samples:
@@ -164,6 +178,7 @@ class ServerProcess:
     config_path: Path
     workers: int = 3
     port: int = field(default_factory=free_port)
+    cwd: Path | None = None
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -189,6 +204,7 @@ class ServerProcess:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            cwd=self.cwd,
             env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
         )
         deadline = time.monotonic() + timeout

@@ -1,0 +1,188 @@
+"""Configuration: defaults, environment references, secret files, errors named by key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exporter.config import (
+    DEFAULT_RING_BUCKETS,
+    Config,
+    ConfigError,
+    find_config_path,
+    load_config,
+    parse_config,
+)
+
+ROOT = Path(__file__).parent.parent
+MINIMAL = {"accounts": [{"id": 10123, "secret": "s3cret"}]}
+
+
+def errors_of(document: Any, base_dir: Path = Path()) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document, base_dir)
+    return caught.value.errors
+
+
+def test_example_config_loads_as_it_is() -> None:
+    config = load_config(ROOT / "config.example.yaml")
+    assert list(config.accounts) == [10123]
+    assert config.server.bind == "0.0.0.0:9880"
+    assert config.extensions[10123]["102"].labels == {"team": "sales"}
+    assert config.calls.max_duration == 4 * 3600
+
+
+def test_defaults_of_a_minimal_config() -> None:
+    config = parse_config(MINIMAL)
+    assert config.server.workers == 2
+    assert config.server.max_body_bytes == 65536
+    assert config.server.webhook_path == "/webhook"
+    assert config.limits.max_extensions == 1000
+    assert config.store.path == "./data/mcn-exporter.sqlite3"
+    assert config.metrics.histogram_extension_label is False
+    assert {5.0, 10.0, 20.0, 30.0, 60.0} <= set(DEFAULT_RING_BUCKETS)
+
+
+def test_config_is_frozen() -> None:
+    config = parse_config(MINIMAL)
+    with pytest.raises(AttributeError):
+        config.server = config.server  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.accounts[1] = config.accounts[10123]  # type: ignore[index]
+
+
+def test_secret_is_kept_out_of_the_repr() -> None:
+    assert "s3cret" not in repr(parse_config(MINIMAL))
+
+
+def test_environment_references(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCN_TEST_SECRET", "from-env")
+    monkeypatch.setenv("MCN_TEST_WORKERS", "5")
+    monkeypatch.delenv("MCN_TEST_UNSET", raising=False)
+    config = parse_config(
+        {
+            "server": {"workers": "${MCN_TEST_WORKERS}", "bind": "${MCN_TEST_UNSET:-127.0.0.1:1}"},
+            "accounts": [{"id": 1, "secret": "${MCN_TEST_SECRET}"}],
+        }
+    )
+    assert config.accounts[1].secret == "from-env"
+    assert config.server.workers == 5
+    assert config.server.bind == "127.0.0.1:1"
+
+
+def test_unset_environment_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MCN_TEST_UNSET", raising=False)
+    assert errors_of({"accounts": [{"id": 1, "secret": "${MCN_TEST_UNSET}"}]}) == [
+        "accounts[0].secret: environment variable MCN_TEST_UNSET is not set",
+    ]
+
+
+def test_secret_file_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "secret.txt").write_text("from-file\n")
+    document = {"accounts": [{"id": 1, "secret_file": "secret.txt"}]}
+    assert parse_config(document, tmp_path).accounts[1].secret == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("document", "error"),
+    [
+        ({}, "accounts: required: list at least one account (id and secret)"),
+        ({"accounts": []}, "accounts: must be a non-empty list of accounts"),
+        ({"accounts": [{"id": 1}]}, "accounts[0].secret: required (or secret_file)"),
+        ({"accounts": [{"secret": "x"}]}, "accounts[0].id: required"),
+        ({"accounts": [{"id": -3, "secret": "x"}]}, "accounts[0].id: must be a positive integer"),
+        (
+            {"accounts": [{"id": 1, "secret": "x"}, {"id": 1, "secret": "y"}]},
+            "accounts[1].id: account 1 is listed twice",
+        ),
+        (
+            {"accounts": [{"id": 1, "secret": "x", "secret_file": "f"}]},
+            "accounts[0].secret: give either secret or secret_file, not both",
+        ),
+        (
+            {"accounts": [{"id": 1, "secret_file": "nope.txt"}]},
+            "accounts[0].secret_file: cannot read nope.txt",
+        ),
+        ({**MINIMAL, "server": {"bind": "9880"}}, "server.bind: must be HOST:PORT"),
+        ({**MINIMAL, "server": {"workers": 0}}, "server.workers: must be an integer from 1 to 64"),
+        ({**MINIMAL, "server": {"webhook_path": "/metrics"}}, "server.webhook_path: must start"),
+        ({**MINIMAL, "server": {"colour": "red"}}, "server.colour: unknown key"),
+        (
+            {**MINIMAL, "calls": {"max_duration": "forever"}},
+            "calls.max_duration: must be a positive duration",
+        ),
+        (
+            {**MINIMAL, "metrics": {"ring_buckets": [5, 2]}},
+            "metrics.ring_buckets: bounds must be positive, finite and strictly increasing",
+        ),
+        (
+            {**MINIMAL, "metrics": {"histogram_extension_label": "sometimes"}},
+            "metrics.histogram_extension_label: must be a bool",
+        ),
+        ({**MINIMAL, "logging": {"level": "loud"}}, "logging.level: must be one of"),
+        (
+            {**MINIMAL, "extensions": {"777": {"1": "x"}}},
+            "extensions.777: account 777 is not in accounts",
+        ),
+        ({**MINIMAL, "extensions": {"10123": {"1 2": "x"}}}, "extensions.10123.1 2: an extension"),
+        (
+            {**MINIMAL, "extensions": {"10123": {"1": {"labels": {"name": "x"}}}}},
+            "extensions.10123.1.labels.name: reserved label name",
+        ),
+        (
+            {**MINIMAL, "extensions": {"10123": {"1": {"labels": {"bad-label": "x"}}}}},
+            "extensions.10123.1.labels.bad-label: not a valid Prometheus label name",
+        ),
+        (
+            {
+                **MINIMAL,
+                "limits": {"max_extensions": 1},
+                "extensions": {"10123": {"1": "a", "2": "b"}},
+            },
+            "extensions.10123: 2 extensions configured but limits.max_extensions is 1",
+        ),
+        ({**MINIMAL, "store": {"redis": "redis://x"}}, "store.redis: unknown key"),
+        ([1, 2], "(root): must be a mapping, not a list"),
+    ],
+)
+def test_each_error_names_its_key_path(document: Any, error: str) -> None:
+    errors = errors_of(document)
+    assert any(line.startswith(error) for line in errors), errors
+
+
+def test_every_error_is_reported_not_just_the_first() -> None:
+    errors = errors_of(
+        {"server": {"workers": "many", "bind": "x"}, "accounts": [{"id": "a"}], "logging": 3}
+    )
+    paths = [line.split(":")[0] for line in errors]
+    assert paths == [
+        "accounts[0].id",
+        "accounts[0].secret",
+        "server.bind",
+        "server.workers",
+        "logging",
+    ]
+
+
+def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("accounts: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_config_path_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCN_EXPORTER_CONFIG", "/etc/from-env.yaml")
+    assert find_config_path("given.yaml") == Path("given.yaml")
+    assert find_config_path(None) == Path("/etc/from-env.yaml")
+    monkeypatch.delenv("MCN_EXPORTER_CONFIG")
+    assert find_config_path(None) == Path("config.yaml")
+
+
+def test_durations_in_seconds_or_with_units() -> None:
+    for raw, seconds in (("4h", 14400), ("90m", 5400), ("1h30m", 5400), ("45s", 45), (30, 30)):
+        config: Config = parse_config({**MINIMAL, "calls": {"max_duration": raw}})
+        assert config.calls.max_duration == seconds

@@ -1,0 +1,110 @@
+"""Generated bodies: whatever a client sends, never a 5xx, and a refusal changes nothing else."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from exporter.events import EVENT_KINDS
+from tests.conftest import ACCOUNT, SECRET, Exporter, Samples
+
+FIELDS = ("event_type", "abon", "did", "did_mcn", "call_id", "billsec", "secret", "account_id")
+
+odd_text = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=()), max_size=40
+) | st.sampled_from(
+    [
+        "",
+        " ",
+        "\u0000",
+        "\ud800",
+        "\u202e108",
+        "\u0661\u0660\u0668",
+        "108\n",
+        "${HOME}",
+        "\U0001d7d9\U0001d7d8\U0001d7e0",
+    ]
+)
+numbers = (
+    st.integers()
+    | st.integers(min_value=10**17, max_value=10**40)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([0, -1, 2**63, 2**64, 1e308, -0.0])
+)
+scalars = st.none() | st.booleans() | numbers | odd_text
+junk = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(odd_text, inner, max_size=4),
+    max_leaves=12,
+)
+plausible = {
+    "event_type": st.sampled_from([*EVENT_KINDS, "onSomethingNew"]) | junk,
+    "abon": st.sampled_from(["108", 108, "*1#", "x" * 33]) | junk,
+    "did": st.sampled_from(["+421222202999", "0222202999"]) | junk,
+    "did_mcn": junk,
+    "call_id": st.sampled_from(["c-1", "c-2"]) | junk,
+    "billsec": st.sampled_from([0, 74, "74"]) | junk,
+    "secret": st.sampled_from([SECRET, SECRET + " ", "secrettoken"]) | junk,
+    "account_id": st.sampled_from([ACCOUNT, str(ACCOUNT), 1, "010123"]) | junk,
+}
+
+
+@st.composite
+def mutated_event(draw: st.DrawFn) -> bytes:
+    """A valid-looking event with some fields dropped, replaced by junk, or added."""
+    body: dict[str, Any] = {}
+    for name in FIELDS:
+        if draw(st.integers(0, 5)):
+            body[name] = draw(plausible[name])
+    body.update(draw(st.dictionaries(odd_text, junk, max_size=3)))
+    return json.dumps(body, allow_nan=True).encode()
+
+
+bodies = (
+    mutated_event()
+    | junk.map(lambda value: json.dumps(value, allow_nan=True).encode())
+    | st.binary(max_size=200)
+    | st.builds(lambda n: b"[" * n + b"]" * n, st.integers(1, 20_000))
+    | st.builds(
+        lambda d: b'{"account_id": ' + d.encode() + b"}",
+        st.from_regex(r"\d{1,6000}", fullmatch=True),
+    )
+)
+
+
+def rejection_delta(before: Samples, after: Samples) -> dict[str, float]:
+    """Which samples changed; the rejection counter is reported by reason."""
+    changed = {}
+    for name in before.keys() | after.keys():
+        old, new = before.get(name, {}), after.get(name, {})
+        for labels in old.keys() | new.keys():
+            if old.get(labels) != new.get(labels) and name != "mcn_last_event_timestamp_seconds":
+                changed[f"{name}{dict(labels)}"] = new.get(labels, 0) - old.get(labels, 0)
+    return changed
+
+
+@settings(
+    max_examples=1200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(body=bodies)
+def test_no_body_gets_a_5xx_and_a_refusal_only_moves_the_rejection_counter(
+    exporter: Exporter, body: bytes
+) -> None:
+    before = exporter.samples()
+    result = exporter.post(body, content_type="application/json")
+    assert result.status_code < 500, result.text
+    event(f"HTTP {result.status_code}")
+    if result.status_code == 200:
+        assert result.json == {"status": "ok"}
+        return
+    reason = result.json["reason"]
+    assert result.json["status"] == "error"
+    assert result.json["error"]
+    assert rejection_delta(before, exporter.samples()) == {
+        f"mcn_webhook_rejected_total{{'reason': '{reason}'}}": 1
+    }

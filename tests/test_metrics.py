@@ -1,0 +1,205 @@
+"""Metric declarations and rendering: names, zero series, buckets, the multiprocess merge."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+from exporter import __version__
+from exporter.legs import TallyKind, TallyLayout
+from exporter.metrics import WorkerFilesCollector, initial_rows
+from exporter.store import SqliteCallStore
+from tests.conftest import ACCOUNT, Exporter
+
+EXTENSIONS = {
+    str(ACCOUNT): {
+        "101": "Reception",
+        "102": {"name": "Sales", "labels": {"team": "sales", "floor": "2"}},
+    }
+}
+
+
+def value(exporter: Exporter, metric: str, **labels: str) -> float | None:
+    return exporter.deps.scrape.registry.get_sample_value(metric, labels)
+
+
+def test_series_of_configured_accounts_and_extensions_start_at_zero(
+    make_exporter: Callable[..., Exporter],
+) -> None:
+    exporter = make_exporter(extensions=EXTENSIONS)
+    leg = {"account": str(ACCOUNT), "service": "vpbx", "direction": "inbound", "extension": "102"}
+    telephony = {**leg, "service": "telephony", "extension": ""}
+    assert value(exporter, "mcn_calls_started_total", **leg) == 0
+    assert value(exporter, "mcn_calls_ended_total", **leg, outcome="missed") == 0
+    assert value(exporter, "mcn_calls_ended_total", **telephony, outcome="completed") == 0
+    assert value(exporter, "mcn_active_calls", **leg) == 0
+    ring = {"account": str(ACCOUNT), "service": "vpbx", "direction": "inbound"}
+    assert value(exporter, "mcn_call_ring_seconds_count", **ring, outcome="missed") == 0
+    assert value(exporter, "mcn_call_ring_seconds_bucket", **ring, outcome="missed", le="20.0") == 0
+    assert value(exporter, "mcn_extension_overflow_total", account=str(ACCOUNT)) == 0
+    assert value(exporter, "mcn_call_events_unmatched_total", event_type="onInCallingEnd") == 0
+    assert value(exporter, "mcn_webhook_rejected_total", reason="unauthorized") == 0
+    assert (
+        value(exporter, "mcn_webhook_events_total", service="vpbx", event_type="onInCallingMissed")
+        == 0
+    )
+
+
+def test_no_created_series(exporter: Exporter) -> None:
+    exporter.event("onInCallingStart", abon="1")
+    text = exporter.client.simulate_get("/metrics").text
+    assert "_created" not in text
+    assert "mcn_webhook_events_total" in text
+
+
+def test_ring_time_lands_in_its_bucket_and_the_20s_service_level_is_a_lookup(
+    exporter: Exporter,
+) -> None:
+    exporter.event("onInCallingStart", abon="1", call_id="a")
+    exporter.clock.advance(7)
+    exporter.event("onInCallingAnswered", abon="1", call_id="a")
+    ring = {"account": str(ACCOUNT), "service": "vpbx", "direction": "inbound"}
+    ring["outcome"] = "answered"
+    exporter.event("onInCallingEnd", abon="1", call_id="a")
+
+    buckets = {
+        le: value(exporter, "mcn_call_ring_seconds_bucket", **ring, le=le)
+        for le in ("5.0", "10.0", "20.0", "+Inf")
+    }
+    assert buckets == {"5.0": 0, "10.0": 1, "20.0": 1, "+Inf": 1}
+
+
+def test_histograms_are_rebinned_when_the_buckets_change(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    old = TallyLayout(ring_buckets=(5.0, 20.0), talk_buckets=(60.0,))
+    store = SqliteCallStore(path, old)
+    with store.transaction() as tx:
+        from exporter.events import Direction, Service
+        from exporter.legs import LegEnded, LegLabels, Outcome
+
+        labels = LegLabels(ACCOUNT, Service.VPBX, Direction.INBOUND, "1")
+        for seconds in (3.0, 12.0, 50.0):
+            tx.record([LegEnded(labels, Outcome.MISSED, seconds, None)])
+    store.close()
+
+    from exporter.metrics import StoreCollector
+
+    new = TallyLayout(ring_buckets=(10.0, 30.0, 60.0), talk_buckets=(60.0,))
+    reopened = SqliteCallStore(path, new)
+    (ring,) = (m for m in StoreCollector(reopened).collect() if m.name == "mcn_call_ring_seconds")
+    counts = {s.labels["le"]: s.value for s in ring.samples if s.name.endswith("_bucket")}
+    # Kept under the old bounds: 3 s under le=5, 12 s under le=20, 50 s under +Inf. Each counts
+    # from the first new bound at or above its old one; precision finer than that is gone.
+    assert counts == {"10.0": 1, "30.0": 2, "60.0": 2, "+Inf": 3}
+    reopened.close()
+
+
+def test_extension_label_on_histograms_when_switched_on(
+    make_exporter: Callable[..., Exporter],
+) -> None:
+    exporter = make_exporter(metrics={"histogram_extension_label": True})
+    exporter.event("onInCallingStart", abon="7", did="+1")
+    exporter.event("onInCallingMissed", abon="7", did="+1")
+    labels = {"account": str(ACCOUNT), "service": "vpbx", "direction": "inbound"}
+    assert (
+        value(exporter, "mcn_call_ring_seconds_count", **labels, outcome="missed", extension="7")
+        == 1
+    )
+    assert value(exporter, "mcn_call_ring_seconds_count", **labels, outcome="missed") is None
+
+
+def test_active_calls_drop_to_zero_rather_than_vanish(exporter: Exporter) -> None:
+    exporter.event("onOutCallingStart", abon="5", did="+1")
+    exporter.event("onOutCallingEnd", abon="5", did="+1", billsec=0)
+    labels = {"account": str(ACCOUNT), "service": "vpbx", "direction": "outbound", "extension": "5"}
+    assert value(exporter, "mcn_active_calls", **labels) == 0
+
+
+def test_last_event_timestamp_is_the_receipt_time(exporter: Exporter) -> None:
+    exporter.event("InboundCallStart", did="+1")
+    labels = {"account": str(ACCOUNT), "service": "telephony"}
+    assert value(exporter, "mcn_last_event_timestamp_seconds", **labels) == exporter.clock.now
+    assert (
+        value(exporter, "mcn_last_event_timestamp_seconds", account=str(ACCOUNT), service="vpbx")
+        is None
+    )
+
+
+def test_extension_info_carries_names_and_the_union_of_extra_labels(
+    make_exporter: Callable[..., Exporter],
+) -> None:
+    exporter = make_exporter(extensions=EXTENSIONS)
+    assert (
+        value(
+            exporter,
+            "mcn_extension_info",
+            account=str(ACCOUNT),
+            extension="102",
+            name="Sales",
+            team="sales",
+            floor="2",
+        )
+        == 1
+    )
+    assert (
+        value(
+            exporter,
+            "mcn_extension_info",
+            account=str(ACCOUNT),
+            extension="101",
+            name="Reception",
+            team="",
+            floor="",
+        )
+        == 1
+    )
+    assert value(exporter, "mcn_exporter_build_info", version=__version__) == 1
+
+
+def test_initial_rows_cover_every_outcome_of_each_configured_leg(tmp_path: Path) -> None:
+    from exporter.config import parse_config
+    from tests.conftest import base_config
+
+    config = parse_config(base_config(tmp_path, extensions={str(ACCOUNT): {"9": "Nine"}}))
+    layout = TallyLayout((20.0,), (60.0,))
+    ended = {row.labels for row in initial_rows(config, layout) if row.kind is TallyKind.ENDED}
+    assert {labels[4] for labels in ended if labels[3] == "9" and labels[2] == "inbound"} == {
+        "answered",
+        "missed",
+        "cancelled",
+        "expired",
+    }
+    assert {labels[4] for labels in ended if labels[3] == "9" and labels[2] == "outbound"} == {
+        "answered",
+        "unanswered",
+        "expired",
+    }
+
+
+def write_counter_file(path: Path, reason: str, count: float) -> None:
+    values = MmapedDict(str(path))
+    key = mmap_key(
+        "mcn_webhook_rejected",
+        "mcn_webhook_rejected_total",
+        ["reason"],
+        [reason],
+        "Webhook requests refused.",
+    )
+    values.write_value(key, count, 0)
+    values.close()
+
+
+def test_worker_files_are_summed_and_broken_ones_skipped(tmp_path: Path) -> None:
+    write_counter_file(tmp_path / "counter_100.db", "invalid", 2)
+    write_counter_file(tmp_path / "counter_101.db", "invalid", 3)
+    (tmp_path / "counter_102.db").write_bytes(b"\x40\x00\x00\x00" + b"\x00" * 60)  # short
+    (tmp_path / "counter_103.db").write_bytes(b"")
+
+    (metric,) = WorkerFilesCollector(str(tmp_path)).collect()
+    assert [(s.name, s.labels, s.value) for s in metric.samples] == [
+        ("mcn_webhook_rejected_total", {"reason": "invalid"}, 5.0)
+    ]
+    assert not math.isnan(metric.samples[0].value)

@@ -1,0 +1,134 @@
+"""The SQLite call store: WAL mode, restarts, concurrent writers, no phone numbers on disk."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from exporter.calls import CallTracker, TrackerSettings
+from exporter.events import EVENT_KINDS, CallEvent, Direction, Service
+from exporter.legs import CounterRow, Leg, LegLabels, TallyKind, TallyLayout, TimingRow
+from exporter.store import SqliteCallStore, StoreUnavailable
+from tests.conftest import ACCOUNT, FakeClock
+
+LAYOUT = TallyLayout(ring_buckets=(5.0, 20.0), talk_buckets=(60.0,))
+CALLER = "+421905123456"
+
+
+def start(call_id: str | None, abon: str = "108", did: str | None = CALLER) -> CallEvent:
+    kind = EVENT_KINDS["onInCallingStart"]
+    return CallEvent("onInCallingStart", kind, ACCOUNT, Service.VPBX, abon, did, call_id)
+
+
+def test_uses_write_ahead_logging(tmp_path: Path) -> None:
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    store.close()
+    with sqlite3.connect(tmp_path / "calls.sqlite3") as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_creates_the_directory_of_its_file(tmp_path: Path) -> None:
+    SqliteCallStore(tmp_path / "data" / "deeper" / "calls.sqlite3", LAYOUT).close()
+    assert (tmp_path / "data" / "deeper" / "calls.sqlite3").exists()
+
+
+def test_open_legs_and_totals_survive_a_reopen(tmp_path: Path, clock: FakeClock) -> None:
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    CallTracker(store, TrackerSettings(), clock).on_event(start("keep"))
+    before = store.snapshot()
+    store.close()
+
+    reopened = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    assert reopened.snapshot() == before
+    assert sum(before.active.values()) == 1
+    with reopened.transaction() as tx:
+        (leg,) = tx.candidate_legs(start("keep"), closed_since=0)
+    assert (leg.call_id, leg.is_open, leg.started_at) == ("keep", True, clock.now)
+    reopened.close()
+
+
+def test_phone_numbers_are_not_written_to_disk(tmp_path: Path, clock: FakeClock) -> None:
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    tracker = CallTracker(store, TrackerSettings(), clock)
+    tracker.on_event(start(None, did=CALLER))
+    store.close()
+    for path in tmp_path.iterdir():
+        assert CALLER.encode() not in path.read_bytes(), path.name
+        assert b"421905123456" not in path.read_bytes(), path.name
+
+
+def test_legs_without_call_id_match_on_the_other_party(tmp_path: Path, clock: FakeClock) -> None:
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    tracker = CallTracker(store, TrackerSettings(), clock)
+    tracker.on_event(start(None, did="+1"))
+    tracker.on_event(start(None, did="+2"))
+    with store.transaction() as tx:
+        assert len(tx.candidate_legs(start(None, did="+1"), closed_since=0)) == 1
+        assert len(tx.candidate_legs(start(None, did="+3"), closed_since=0)) == 0
+    store.close()
+
+
+def test_concurrent_writers_from_many_threads_and_two_stores_lose_nothing(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    stores = [SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT) for _ in range(2)]
+    trackers = [CallTracker(store, TrackerSettings(), clock) for store in stores]
+
+    def open_legs(worker: int) -> None:
+        tracker = trackers[worker % 2]
+        for n in range(100):
+            tracker.on_event(start(f"w{worker}-{n}", abon=str(worker)))
+
+    threads = [threading.Thread(target=open_legs, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    snapshot = stores[0].snapshot()
+    assert sum(snapshot.active.values()) == 800
+    assert sum(snapshot.counters[TallyKind.STARTED].values()) == 800
+    for store in stores:
+        store.close()
+
+
+def test_a_failed_transaction_leaves_nothing_behind(tmp_path: Path, clock: FakeClock) -> None:
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    labels = LegLabels(ACCOUNT, Service.VPBX, Direction.INBOUND, "108")
+
+    def interrupted_insert() -> None:
+        with store.transaction() as tx:
+            tx.insert_leg(Leg(labels, "108", "x", clock.now, clock.now), did=None)
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        interrupted_insert()
+    assert store.snapshot().active == {}
+    store.close()
+
+
+def test_ensure_rows_creates_zero_series_once(tmp_path: Path) -> None:
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    rows: list[CounterRow | TimingRow] = [
+        CounterRow(TallyKind.OVERFLOW, (str(ACCOUNT),)),
+        TimingRow(TallyKind.TALK, (str(ACCOUNT), "vpbx", "inbound"), float("inf"), 0),
+    ]
+    store.ensure_rows(rows)
+    with store.transaction() as tx:
+        tx.record([])
+    store.ensure_rows(rows)
+    snapshot = store.snapshot()
+    assert snapshot.counters[TallyKind.OVERFLOW] == {(str(ACCOUNT),): 0}
+    (talk,) = snapshot.timings[TallyKind.TALK]
+    assert (talk.buckets, talk.total) == ({float("inf"): 0}, 0)
+    store.close()
+
+
+def test_unreadable_file_raises_store_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    path.write_bytes(b"garbage" * 1000)
+    with pytest.raises(StoreUnavailable):
+        SqliteCallStore(path, LAYOUT)
