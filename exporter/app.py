@@ -73,6 +73,7 @@ def tally_layout(config: Config) -> TallyLayout:
 
 def create_app(deps: Deps) -> falcon.App[falcon.Request, falcon.Response]:
     app: falcon.App[falcon.Request, falcon.Response] = falcon.App()
+    app.req_options.strip_url_path_trailing_slash = True  # /webhook/ in the portal works too
     webhook_path = deps.config.server.webhook_path
     app.add_route(webhook_path, WebhookResource(deps))
     app.add_route("/metrics", MetricsResource(deps))

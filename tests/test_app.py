@@ -211,6 +211,11 @@ def test_body_is_read_as_json_whatever_the_content_type(
     assert result.json == {"status": "ok"}
 
 
+def test_webhook_path_with_a_trailing_slash_works_too(exporter: Exporter) -> None:
+    result = exporter.client.simulate_post("/webhook/", body=webhook("vpbx-inbound-start"))
+    assert result.status_code == 200
+
+
 def test_unknown_fields_are_ignored(exporter: Exporter) -> None:
     result = exporter.post({**GOOD, "record": True, "who_answered": ["108"], "x": {"y": [1]}})
     assert result.status_code == 200

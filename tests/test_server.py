@@ -24,22 +24,23 @@ StartServer = Callable[..., ServerProcess]
 EXTENSIONS = {str(ACCOUNT): {str(n): f"Desk {n}" for n in range(101, 113)}}
 
 
+def simulate_command(server: ServerProcess, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "exporter",
+        "simulate",
+        "--url",
+        server.url + "/webhook",
+        "--config",
+        str(server.config_path),
+        *args,
+    ]
+
+
 def run_simulate(server: ServerProcess, *args: str) -> dict[str, Any]:
     completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "simulate",
-            "--url",
-            server.url + "/webhook",
-            "--config",
-            str(server.config_path),
-            *args,
-        ],
-        capture_output=True,
-        timeout=600,
-        check=False,
+        simulate_command(server, *args), capture_output=True, timeout=600, check=False
     )
     assert completed.returncode == 0, completed.stderr.decode()
     truth: dict[str, Any] = json.loads(completed.stdout)
@@ -48,19 +49,7 @@ def run_simulate(server: ServerProcess, *args: str) -> dict[str, Any]:
 
 def start_simulate(server: ServerProcess, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "simulate",
-            "--url",
-            server.url + "/webhook",
-            "--config",
-            str(server.config_path),
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        simulate_command(server, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
 
 
