@@ -16,7 +16,7 @@ from exporter.calls import CallTracker, Clock, TrackerSettings
 from exporter.config import Config
 from exporter.events import MALFORMED, TOO_LARGE, Rejection, WebhookParser
 from exporter.legs import TallyLayout
-from exporter.metrics import DeliveryCounters, Scrape, build_metrics
+from exporter.metrics import RejectionCounter, Scrape, build_metrics
 from exporter.store import CallStore, SqliteCallStore, StoreUnavailable
 
 log = logging.getLogger("exporter.http")
@@ -39,7 +39,7 @@ class Deps:
     parser: WebhookParser
     tracker: CallTracker
     store: CallStore
-    counters: DeliveryCounters
+    rejections: RejectionCounter
     scrape: Scrape
 
 
@@ -47,7 +47,7 @@ def build_deps(
     config: Config, clock: Clock = time.time, multiprocess_dir: str | None = None
 ) -> Deps:
     store = SqliteCallStore(Path(config.store.path), tally_layout(config))
-    counters, scrape = build_metrics(store, config, multiprocess_dir)
+    rejections, scrape = build_metrics(store, config, multiprocess_dir)
     settings = TrackerSettings(
         max_duration=config.calls.max_duration,
         duplicate_window=config.calls.duplicate_window,
@@ -58,7 +58,7 @@ def build_deps(
         parser=WebhookParser(config.secrets()),
         tracker=CallTracker(store, settings, clock),
         store=store,
-        counters=counters,
+        rejections=rejections,
         scrape=scrape,
     )
 
@@ -80,9 +80,9 @@ def create_app(deps: Deps) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(deps.store))
     app.add_route("/", LandingResource(deps))
-    app.add_error_handler(Rejection, _rejection_handler(deps.counters))
-    app.add_error_handler(StoreUnavailable, _store_unavailable_handler(deps.counters))
-    app.add_error_handler(falcon.HTTPError, _http_error_handler(deps.counters, webhook_path))
+    app.add_error_handler(Rejection, _rejection_handler(deps.rejections))
+    app.add_error_handler(StoreUnavailable, _store_unavailable_handler(deps.rejections))
+    app.add_error_handler(falcon.HTTPError, _http_error_handler(deps.rejections, webhook_path))
     app.add_error_handler(Exception, _unexpected_error_handler)
     return app
 
@@ -91,13 +91,11 @@ class WebhookResource:
     def __init__(self, deps: Deps) -> None:
         self._parser = deps.parser
         self._tracker = deps.tracker
-        self._counters = deps.counters
         self._max_body = deps.config.server.max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         event = self._parser.parse(read_body(req, self._max_body))
         disposition = self._tracker.on_event(event)
-        self._counters.event_taken(event)
         log.debug("%s %s", event, disposition.value)
         resp.data = OK_BODY
         resp.content_type = falcon.MEDIA_JSON
@@ -162,15 +160,19 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
         raise Rejection(MALFORMED, "Content-Length is not a number") from exc
     if declared is not None and declared > limit:
         raise Rejection(TOO_LARGE, f"body is over {limit} bytes")
-    body: bytes = req.stream.read(limit + 1)
+    try:
+        body: bytes = req.stream.read(limit + 1)
+    except Exception as exc:
+        # gunicorn raises its own errors for broken chunked encoding or a truncated body.
+        raise Rejection(MALFORMED, "body could not be read") from exc
     if len(body) > limit:
         raise Rejection(TOO_LARGE, f"body is over {limit} bytes")
     return body
 
 
-def _rejection_handler(counters: DeliveryCounters) -> Any:
+def _rejection_handler(rejections: RejectionCounter) -> Any:
     def handle(req: falcon.Request, resp: falcon.Response, ex: Rejection, params: Any) -> None:
-        counters.rejected(ex.reason)
+        rejections.count(ex.reason)
         log.warning("webhook rejected from %s: %s: %s", req.remote_addr, ex.reason, ex.message)
         resp.status = REJECTION_STATUS[ex.reason]
         resp.media = _error(ex.reason, ex.message, ex.field)
@@ -180,12 +182,12 @@ def _rejection_handler(counters: DeliveryCounters) -> Any:
     return handle
 
 
-def _store_unavailable_handler(counters: DeliveryCounters) -> Any:
+def _store_unavailable_handler(rejections: RejectionCounter) -> Any:
     def handle(
         req: falcon.Request, resp: falcon.Response, ex: StoreUnavailable, params: Any
     ) -> None:
         if req.method == "POST":
-            counters.rejected("store_unavailable")
+            rejections.count("store_unavailable")
         log.error("call store unavailable: %s", ex)
         resp.status = falcon.HTTP_503
         resp.set_header("Retry-After", "5")
@@ -194,13 +196,13 @@ def _store_unavailable_handler(counters: DeliveryCounters) -> Any:
     return handle
 
 
-def _http_error_handler(counters: DeliveryCounters, webhook_path: str) -> Any:
+def _http_error_handler(rejections: RejectionCounter, webhook_path: str) -> Any:
     def handle(
         req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: Any
     ) -> None:
         reason = "method_not_allowed" if ex.status_code == 405 else "http_error"
         if reason == "method_not_allowed" and req.path == webhook_path:
-            counters.rejected(reason)
+            rejections.count(reason)
         resp.status = ex.status
         if ex.headers:
             resp.set_headers(ex.headers)

@@ -10,6 +10,7 @@ from enum import StrEnum
 from exporter.events import CallEvent, Direction, Service, Step
 from exporter.legs import (
     OTHER_EXTENSION,
+    EventTaken,
     EventUnmatched,
     ExtensionOverflowed,
     Leg,
@@ -22,7 +23,7 @@ from exporter.legs import (
 from exporter.store import CallStore, StoreTransaction
 
 Clock = Callable[[], float]
-CLOSED_LEG_RETENTION = 24 * 3600.0  # how long a closed leg is kept to recognise late copies
+CLOSED_LEG_RETENTION = 24 * 3600.0  # how long a leg with a call_id absorbs late copies
 CLEANUP_INTERVAL = 60.0
 
 
@@ -53,31 +54,40 @@ class CallTracker:
         self._store = store
         self._settings = settings
         self._clock = clock
-        # Places in the extension limit are never given back, so both sets only grow.
+        # A place in the extension limit is never given back, so this set only grows.
         self._admitted: set[tuple[int, str]] = set()
-        self._full_accounts: set[int] = set()
         self._last_cleanup = 0.0
 
     def on_event(self, event: CallEvent) -> Disposition:
-        now = self._clock()
         with self._store.transaction() as tx:
+            now = self._clock()  # read under the write lock, so events are dated in order
             tx.touch(event.account, event.service, now)
+            taken = EventTaken(event.service, event.event_type)
             if event.kind is None:
+                tx.record([taken])
                 return Disposition.IGNORED
             disposition, tallies = self._apply(tx, event, event.kind.step, now)
-            tx.record(tallies)
+            tx.record([taken, *tallies])
+            self._forget_old_legs(tx, now)
         return disposition
 
     def expire_stale(self) -> int:
         """Close legs open longer than calls.max_duration as `expired`; returns how many."""
-        now = self._clock()
         with self._store.transaction() as tx:
+            now = self._clock()
             stale = tx.open_legs_before(now - self._settings.max_duration)
             tx.record([self._close(tx, leg, Outcome.EXPIRED, now) for leg in stale])
-            if now - self._last_cleanup >= CLEANUP_INTERVAL:
-                tx.forget_closed_before(now - CLOSED_LEG_RETENTION)
-                self._last_cleanup = now
+            self._forget_old_legs(tx, now)
         return len(stale)
+
+    def _forget_old_legs(self, tx: StoreTransaction, now: float) -> None:
+        """Closed legs are kept only as long as they can still absorb a late copy."""
+        if now - self._last_cleanup >= CLEANUP_INTERVAL:
+            tx.forget_closed_legs(
+                with_call_id_before=now - CLOSED_LEG_RETENTION,
+                without_call_id_before=now - self._settings.duplicate_window,
+            )
+            self._last_cleanup = now
 
     # -- one event -----------------------------------------------------------------------------
 
@@ -106,15 +116,28 @@ class CallTracker:
     def _start(
         self, tx: StoreTransaction, event: CallEvent, candidates: list[Leg], now: float
     ) -> tuple[Disposition, list[Tally]]:
-        window_start = now - self._settings.duplicate_window
-        if event.call_id is not None and candidates:
-            return Disposition.DUPLICATE, []
-        if any(leg.is_open and leg.opened_at >= window_start for leg in candidates):
+        if self._start_is_known(event, candidates, now):
             return Disposition.DUPLICATE, []
         leg = self._new_leg(tx, event, now)
         leg.started_at = now
         tx.insert_leg(leg, event.did)
         return Disposition.OPENED, [LegStarted(leg.labels), *_overflow(leg.labels)]
+
+    def _start_is_known(self, event: CallEvent, candidates: list[Leg], now: float) -> bool:
+        """A copy of a start already taken, or a start arriving after its leg's later events.
+
+        Without a call_id this needs the caller's number: two calls of withheld numbers at one
+        extension are two calls, however close together.
+        """
+        if event.call_id is not None:
+            return bool(candidates)
+        if event.did is None:
+            return False
+        window_start = now - self._settings.duplicate_window
+        return any(
+            leg.started_at is None or (leg.is_open and leg.opened_at >= window_start)
+            for leg in candidates
+        )
 
     def _unmatched(
         self, tx: StoreTransaction, event: CallEvent, step: Step, now: float
@@ -164,11 +187,9 @@ class CallTracker:
         key = (event.account, event.abon)
         if key in self._admitted:
             return event.abon
-        if event.account not in self._full_accounts:
-            if tx.admit_extension(event.account, event.abon, self._settings.max_extensions):
-                self._admitted.add(key)
-                return event.abon
-            self._full_accounts.add(event.account)
+        if tx.admit_extension(event.account, event.abon, self._settings.max_extensions):
+            self._admitted.add(key)
+            return event.abon
         return OTHER_EXTENSION
 
 

@@ -115,6 +115,8 @@ def load_config(path: Path | str) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from exc
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -221,7 +223,7 @@ class _Reader:
         if value is None:
             self.error(path, "required")
             return None
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and value.isascii() and value.isdigit():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 10**18:
             self.error(path, f"must be a positive integer, not {value!r}")
@@ -241,6 +243,9 @@ class _Reader:
                 secret = file_path.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 self.error(f"{path}.secret_file", f"cannot read {file_name}: {exc.strerror}")
+                return None
+            except UnicodeDecodeError:
+                self.error(f"{path}.secret_file", f"{file_name} is not UTF-8 text")
                 return None
             if not secret:
                 self.error(f"{path}.secret_file", f"{file_name} is empty")
@@ -412,7 +417,7 @@ class _Reader:
         raw = self.expand(section.get(path.rsplit(".", 1)[-1]), path)
         if raw is None:
             return default
-        if isinstance(raw, str) and raw.strip().isdigit():
+        if isinstance(raw, str) and raw.strip().isascii() and raw.strip().isdigit():
             raw = int(raw)
         if not isinstance(raw, int) or isinstance(raw, bool) or not low <= raw <= high:
             self.error(path, f"must be an integer from {low} to {high}, not {raw!r}")
@@ -424,7 +429,7 @@ class _Reader:
         if raw is None:
             return default
         seconds = _parse_duration(raw)
-        if seconds is None or seconds <= 0:
+        if seconds is None or not 0 < seconds < math.inf:
             self.error(path, f"must be a positive duration such as 30s, 15m or 4h, not {raw!r}")
             return default
         return seconds

@@ -151,28 +151,27 @@ def _event(document: dict[str, Any], account: int) -> CallEvent:
     if not isinstance(event_type, str) or not event_type:
         raise Rejection(INVALID, "event_type must be a non-empty string", "event_type")
     kind = EVENT_KINDS.get(event_type)
-    abon = _abon(document.get("abon"), required=kind is not None and kind.service is Service.VPBX)
     if kind is None:
         # Still accepted, so the provider keeps sending; guess the service for the event counter.
-        service = Service.VPBX if abon else Service.TELEPHONY
-        return CallEvent(UNKNOWN_EVENT, None, account, service, abon)
+        has_abon = document.get("abon") is not None
+        service = Service.VPBX if has_abon else Service.TELEPHONY
+        return CallEvent(UNKNOWN_EVENT, None, account, service, "")
+    _text(document, "did_mcn")  # checked, though never used: the company's own number
     return CallEvent(
         event_type=event_type,
         kind=kind,
         account=account,
         service=kind.service,
-        abon=abon if kind.service is Service.VPBX else "",
+        abon=_abon(document.get("abon")) if kind.service is Service.VPBX else "",
         did=_text(document, "did"),
         call_id=_text(document, "call_id"),
         billsec=_billsec(document.get("billsec")),
     )
 
 
-def _abon(raw: object, required: bool) -> str:
+def _abon(raw: object) -> str:
     if raw is None:
-        if required:
-            raise Rejection(INVALID, "abon is required for virtual PBX events", "abon")
-        return ""
+        raise Rejection(INVALID, "abon is required for virtual PBX events", "abon")
     if type(raw) is int:
         raw = str(raw)
     if not isinstance(raw, str) or not EXTENSION_PATTERN.fullmatch(raw):
@@ -184,11 +183,20 @@ def _text(document: dict[str, Any], name: str) -> str | None:
     raw = document.get(name)
     if raw is None:
         return None
-    if not isinstance(raw, str) or len(raw) > MAX_TEXT_FIELD:
+    if not isinstance(raw, str) or len(raw) > MAX_TEXT_FIELD or not _is_unicode(raw):
         raise Rejection(
             INVALID, f"{name} must be a string of at most {MAX_TEXT_FIELD} characters", name
         )
     return raw or None
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates ("\ud800"), which JSON allows and UTF-8 not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _billsec(raw: object) -> int | None:

@@ -1,4 +1,4 @@
-"""Call legs and the tallies their lives leave behind (SPEC §2). Plain data, no behaviour."""
+"""Call legs, and the tallies their lives leave behind (SPEC §2), keyed by `TallyLayout`."""
 
 from __future__ import annotations
 
@@ -56,12 +56,19 @@ class Leg:
 class TallyKind(StrEnum):
     """The call totals kept beside the legs; metrics.py names each one."""
 
+    EVENTS = "events"
     STARTED = "started"
     ENDED = "ended"
     UNMATCHED = "unmatched"
     OVERFLOW = "overflow"
     RING = "ring"
     TALK = "talk"
+
+
+@dataclass(frozen=True)
+class EventTaken:
+    service: Service
+    event_type: str
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ class ExtensionOverflowed:
     account: int
 
 
-Tally = LegStarted | LegEnded | EventUnmatched | ExtensionOverflowed
+Tally = EventTaken | LegStarted | LegEnded | EventUnmatched | ExtensionOverflowed
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ class TallyLayout:
     def label_names(self, kind: TallyKind) -> tuple[str, ...]:
         extension = ("extension",) if self.timings_by_extension else ()
         return {
+            TallyKind.EVENTS: ("service", "event_type"),
             TallyKind.STARTED: LEG_LABELS,
             TallyKind.ENDED: (*LEG_LABELS, "outcome"),
             TallyKind.UNMATCHED: ("event_type",),
@@ -135,6 +143,8 @@ class TallyLayout:
         return self.ring_buckets if kind is TallyKind.RING else self.talk_buckets
 
     def rows(self, tally: Tally) -> list[CounterRow | TimingRow]:
+        if isinstance(tally, EventTaken):
+            return [CounterRow(TallyKind.EVENTS, (tally.service.value, tally.event_type))]
         if isinstance(tally, LegStarted):
             return [CounterRow(TallyKind.STARTED, _leg_values(tally.labels))]
         if isinstance(tally, EventUnmatched):

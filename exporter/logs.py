@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 from exporter.config import LoggingConfig
 
@@ -38,3 +39,25 @@ def configure_logging(config: LoggingConfig) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(config.level.upper())
     logger.propagate = False
+
+
+def gunicorn_log_config(config: LoggingConfig) -> dict[str, Any] | None:
+    """gunicorn's own lines in the same JSON shape as ours, when JSON logs are asked for."""
+    if not config.json:
+        return None
+    level = "WARNING" if config.level == "info" else config.level.upper()
+    handler = {"handlers": ["stderr"], "level": level, "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "exporter.logs.JsonFormatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": "WARNING"},
+        "loggers": {"gunicorn.error": handler, "gunicorn.access": handler},
+    }

@@ -1,10 +1,11 @@
 """Every metric of SPEC §3, declared once, and the scrape that renders them.
 
 Two sources feed /metrics:
-- call totals, ring and talk times, active calls and last-event times come from the call store,
-  where they are committed with the legs they describe (exact across workers, kills, restarts);
-- webhook deliveries and rejections are per-process counters of prometheus_client, merged over
-  the gunicorn workers by its multiprocess mode.
+- everything about accepted events (deliveries, call totals, ring and talk times, active calls,
+  last-event times) comes from the call store, committed with the legs it describes: exact
+  across workers, killed workers and restarts;
+- refused requests, which never reach the store, are per-process counters of prometheus_client,
+  merged over the gunicorn workers by its multiprocess mode.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
 from exporter.config import Config
-from exporter.events import EVENT_KINDS, UNKNOWN_EVENT, CallEvent, Direction, Service, Step
+from exporter.events import EVENT_KINDS, UNKNOWN_EVENT, Direction, Service, Step
 from exporter.legs import LEG_LABELS, CounterRow, Outcome, TallyKind, TallyLayout, TimingRow
 from exporter.store import CallStore, StoreSnapshot, TimingSeries
 
@@ -81,6 +82,7 @@ BUILD_INFO = MetricSpec(
 )
 
 TALLY_METRICS = {
+    TallyKind.EVENTS: WEBHOOK_EVENTS,
     TallyKind.STARTED: CALLS_STARTED,
     TallyKind.ENDED: CALLS_ENDED,
     TallyKind.UNMATCHED: EVENTS_UNMATCHED,
@@ -107,37 +109,21 @@ OUTBOUND_OUTCOMES: tuple[Outcome, ...] = (Outcome.ANSWERED, Outcome.UNANSWERED, 
 TELEPHONY_OUTCOMES: tuple[Outcome, ...] = (Outcome.COMPLETED, Outcome.EXPIRED)
 
 
-class DeliveryCounters:
-    """What arrived over HTTP: per process, summed over workers at scrape time."""
+class RejectionCounter:
+    """Refused requests, which never reach the store: per process, summed over the workers."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
-        self._events = Counter(
-            WEBHOOK_EVENTS.name, WEBHOOK_EVENTS.help, WEBHOOK_EVENTS.labels, registry=registry
-        )
-        self._rejected = Counter(
+        counter = Counter(
             WEBHOOK_REJECTED.name,
             WEBHOOK_REJECTED.help,
             WEBHOOK_REJECTED.labels,
             registry=registry,
         )
-        # Children looked up once: the labels() call costs more than the increment itself.
-        self._event_children = {
-            (kind.service.value, name): self._events.labels(kind.service.value, name)
-            for name, kind in EVENT_KINDS.items()
-        }
-        for service in Service:
-            self._event_children[(service.value, UNKNOWN_EVENT)] = self._events.labels(
-                service.value, UNKNOWN_EVENT
-            )
-        self._rejected_children = {
-            reason: self._rejected.labels(reason) for reason in REJECTION_REASONS
-        }
+        # Children looked up once (and so created at 0): labels() costs more than inc().
+        self._children = {reason: counter.labels(reason) for reason in REJECTION_REASONS}
 
-    def event_taken(self, event: CallEvent) -> None:
-        self._event_children[(event.service.value, event.event_type)].inc()
-
-    def rejected(self, reason: str) -> None:
-        self._rejected_children[reason].inc()
+    def count(self, reason: str) -> None:
+        self._children[reason].inc()
 
 
 class StoreCollector(Collector):
@@ -224,23 +210,23 @@ class Scrape:
         """Returns the body, its content type and whether it is gzip-compressed."""
         encoder, content_type = choose_encoder(accept or "")
         body = encoder(self.registry)
-        if "gzip" in (accept_encoding or ""):
+        if _accepts_gzip(accept_encoding or ""):
             return gzip.compress(body, compresslevel=1), content_type, True
         return body, content_type, False
 
 
 def build_metrics(
     store: CallStore, config: Config, multiprocess_dir: str | None
-) -> tuple[DeliveryCounters, Scrape]:
+) -> tuple[RejectionCounter, Scrape]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(store))
     registry.register(ConfigCollector(config))
     if multiprocess_dir:
         registry.register(WorkerFilesCollector(multiprocess_dir))
-        counters = DeliveryCounters(registry=None)
+        rejections = RejectionCounter(registry=None)
     else:
-        counters = DeliveryCounters(registry=registry)
-    return counters, Scrape(registry)
+        rejections = RejectionCounter(registry=registry)
+    return rejections, Scrape(registry)
 
 
 def initial_rows(config: Config, layout: TallyLayout) -> list[CounterRow | TimingRow]:
@@ -250,6 +236,11 @@ def initial_rows(config: Config, layout: TallyLayout) -> list[CounterRow | Timin
         for name, kind in EVENT_KINDS.items()
         if kind.step is not Step.START
     ]
+    rows.extend(
+        CounterRow(TallyKind.EVENTS, (kind.service.value, name))
+        for name, kind in EVENT_KINDS.items()
+    )
+    rows.extend(CounterRow(TallyKind.EVENTS, (service.value, UNKNOWN_EVENT)) for service in Service)
     for account in config.accounts:
         rows.append(CounterRow(TallyKind.OVERFLOW, (str(account),)))
         legs: list[tuple[Service, Direction, str, tuple[Outcome, ...]]] = [
@@ -329,6 +320,22 @@ def _info_families(config: Config) -> Iterator[Metric]:
     build = GaugeMetricFamily(BUILD_INFO.name, BUILD_INFO.help, labels=BUILD_INFO.labels)
     build.add_metric((__version__,), 1)
     yield build
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    for coding in accept_encoding.split(","):
+        name, _, params = coding.partition(";")
+        if name.strip().lower() == "gzip":
+            quality = params.strip().removeprefix("q=").strip()
+            return not quality or _positive(quality)
+    return False
+
+
+def _positive(number: str) -> bool:
+    try:
+        return float(number) > 0
+    except ValueError:
+        return False
 
 
 def _readable(path: str) -> bool:

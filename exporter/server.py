@@ -17,7 +17,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from exporter.config import Config
-from exporter.logs import configure_logging
+from exporter.logs import configure_logging, gunicorn_log_config
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 log = logging.getLogger("exporter.server")
@@ -75,6 +75,8 @@ def initialise_store(config: Config) -> None:
     store = SqliteCallStore(config.store.path, layout)
     try:
         store.ensure_rows(initial_rows(config, layout))
+        for account, extensions in config.extensions.items():
+            store.reserve_extensions(account, extensions)
     finally:
         store.close()
 
@@ -94,7 +96,9 @@ def gunicorn_options(config: Config, bind: str | None, workers: int | None) -> d
         "preload_app": False,
         "accesslog": None,
         "errorlog": "-",
+        # gunicorn's info lines (workers booting) are noise at our info level.
         "loglevel": "warning" if config.logging.level == "info" else config.logging.level,
+        "logconfig_dict": gunicorn_log_config(config.logging) or {},
         "proc_name": "mcn-exporter",
         "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
     }

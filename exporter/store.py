@@ -61,8 +61,9 @@ class StoreTransaction(Protocol):
     def candidate_legs(self, event: CallEvent, closed_since: float) -> list[Leg]:
         """Legs this event may belong to, oldest first.
 
-        With a call_id: the leg of (account, call_id, abon), open or closed. Without: the open
-        legs of (account, service, direction, abon, did) and those closed since `closed_since`.
+        With a call_id: the leg of (account, call_id, abon), open or closed. Without: the legs
+        of (account, service, direction, abon) and the same other party (either side may lack
+        the number) that are open, closed since `closed_since`, or expired.
         """
 
     def insert_leg(self, leg: Leg, did: str | None) -> None: ...
@@ -72,7 +73,9 @@ class StoreTransaction(Protocol):
 
     def open_legs_before(self, opened_before: float) -> list[Leg]: ...
 
-    def forget_closed_before(self, closed_before: float) -> None: ...
+    def forget_closed_legs(
+        self, with_call_id_before: float, without_call_id_before: float
+    ) -> None: ...
 
     def admit_extension(self, account: int, extension: str, limit: int) -> bool:
         """True if the extension has, or now gets, one of the account's `limit` places."""
@@ -92,6 +95,9 @@ class CallStore(Protocol):
     def ensure_rows(self, rows: Iterable[CounterRow | TimingRow]) -> None:
         """Create these series at zero unless they exist."""
 
+    def reserve_extensions(self, account: int, extensions: Iterable[str]) -> None:
+        """Give these extensions their own series, whatever limits.max_extensions says."""
+
     def ping(self) -> None: ...
 
     def close(self) -> None: ...
@@ -106,7 +112,7 @@ CREATE TABLE IF NOT EXISTS legs (
     direction TEXT NOT NULL,
     abon TEXT NOT NULL,
     extension TEXT NOT NULL,
-    party TEXT NOT NULL,
+    party TEXT,
     call_id TEXT,
     opened_at REAL NOT NULL,
     started_at REAL,
@@ -116,8 +122,8 @@ CREATE TABLE IF NOT EXISTS legs (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS legs_by_call_id
     ON legs (account, call_id, abon) WHERE call_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS legs_by_party
-    ON legs (account, service, direction, abon, party, opened_at) WHERE call_id IS NULL;
+CREATE INDEX IF NOT EXISTS legs_by_extension
+    ON legs (account, service, direction, abon, opened_at) WHERE call_id IS NULL;
 CREATE INDEX IF NOT EXISTS legs_open ON legs (opened_at) WHERE closed_at IS NULL;
 CREATE INDEX IF NOT EXISTS legs_closed ON legs (closed_at) WHERE closed_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS active_legs (
@@ -162,7 +168,7 @@ class SqliteCallStore:
     # -- CallStore -----------------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[StoreTransaction]:
+    def transaction(self) -> Iterator[_SqliteTransaction]:
         with self._write_lock:
             connection = self._guard(self._connection)
             self._guard(lambda: connection.execute("BEGIN IMMEDIATE"))
@@ -179,17 +185,14 @@ class SqliteCallStore:
         return self._guard(self._read_snapshot)
 
     def ensure_rows(self, rows: Iterable[CounterRow | TimingRow]) -> None:
-        counters, timings = [], []
-        for row in rows:
-            if isinstance(row, CounterRow):
-                counters.append((row.kind.value, _key(row.labels)))
-            else:
-                timings.append((row.kind.value, _key(row.labels), row.bucket))
         with self.transaction() as tx:
-            assert isinstance(tx, _SqliteTransaction)
-            tx.connection.executemany("INSERT OR IGNORE INTO counters VALUES (?, ?, 0)", counters)
+            tx.ensure_rows(rows)
+
+    def reserve_extensions(self, account: int, extensions: Iterable[str]) -> None:
+        with self.transaction() as tx:
             tx.connection.executemany(
-                "INSERT OR IGNORE INTO timings VALUES (?, ?, ?, 0, 0)", timings
+                "INSERT OR IGNORE INTO extensions VALUES (?, ?)",
+                [(account, extension) for extension in extensions],
             )
 
     def ping(self) -> None:
@@ -219,9 +222,14 @@ class SqliteCallStore:
             connection.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('party_key', ?)", (secrets.token_hex(16),)
             )
-            row = connection.execute("SELECT value FROM meta WHERE key = 'party_key'").fetchone()
+            meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
             connection.execute("COMMIT")
-        self._party_key = bytes.fromhex(row[0])
+        if meta["schema_version"] != SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"{self.path} holds schema version {meta['schema_version']}, this exporter "
+                f"reads version {SCHEMA_VERSION}"
+            )
+        self._party_key = bytes.fromhex(meta["party_key"])
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -298,17 +306,20 @@ class _SqliteTransaction:
             )
         else:
             assert event.kind is not None
+            party = self._party(event.did)
             rows = self.connection.execute(
                 f"SELECT {LEG_COLUMNS} FROM legs"
-                " WHERE account = ? AND service = ? AND direction = ? AND abon = ? AND party = ?"
-                " AND call_id IS NULL AND (closed_at IS NULL OR closed_at >= ?)"
+                " WHERE account = ? AND service = ? AND direction = ? AND abon = ?"
+                " AND call_id IS NULL AND (party = ? OR party IS NULL OR ? IS NULL)"
+                " AND (closed_at IS NULL OR closed_at >= ? OR outcome = 'expired')"
                 " ORDER BY opened_at, id",
                 (
                     event.account,
                     event.service.value,
                     event.kind.direction.value,
                     event.abon,
-                    self._party(event.did),
+                    party,
+                    party,
                     closed_since,
                 ),
             )
@@ -356,8 +367,14 @@ class _SqliteTransaction:
         )
         return [_leg(row) for row in rows]
 
-    def forget_closed_before(self, closed_before: float) -> None:
-        self.connection.execute("DELETE FROM legs WHERE closed_at < ?", (closed_before,))
+    def forget_closed_legs(self, with_call_id_before: float, without_call_id_before: float) -> None:
+        self.connection.execute("DELETE FROM legs WHERE closed_at < ?", (with_call_id_before,))
+        # Without a call_id a closed leg only matters for the duplicate window, except an
+        # expired one, which absorbs the end of a call that outlived calls.max_duration.
+        self.connection.execute(
+            "DELETE FROM legs WHERE call_id IS NULL AND closed_at < ? AND outcome != 'expired'",
+            (without_call_id_before,),
+        )
 
     def admit_extension(self, account: int, extension: str, limit: int) -> bool:
         known = self.connection.execute(
@@ -379,6 +396,16 @@ class _SqliteTransaction:
             " ON CONFLICT DO UPDATE SET at = max(at, excluded.at)",
             (account, service.value, at),
         )
+
+    def ensure_rows(self, rows: Iterable[CounterRow | TimingRow]) -> None:
+        counters, timings = [], []
+        for row in rows:
+            if isinstance(row, CounterRow):
+                counters.append((row.kind.value, _key(row.labels)))
+            else:
+                timings.append((row.kind.value, _key(row.labels), row.bucket))
+        self.connection.executemany("INSERT OR IGNORE INTO counters VALUES (?, ?, 0)", counters)
+        self.connection.executemany("INSERT OR IGNORE INTO timings VALUES (?, ?, ?, 0, 0)", timings)
 
     def record(self, tallies: Iterable[Tally]) -> None:
         for tally in tallies:
@@ -410,12 +437,12 @@ class _SqliteTransaction:
             ),
         )
 
-    def _party(self, did: str | None) -> str:
+    def _party(self, did: str | None) -> str | None:
         # The other party's number only matters for matching legs without a call_id: keep a
         # keyed digest of it, never the number itself.
-        digest = hmac.new(
-            self._party_key, (did or "").encode("utf-8", "surrogatepass"), hashlib.sha256
-        )
+        if did is None:
+            return None
+        digest = hmac.new(self._party_key, did.encode(), hashlib.sha256)
         return digest.hexdigest()[:16]
 
 

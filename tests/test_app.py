@@ -244,6 +244,17 @@ def test_metrics_gzip_when_asked(exporter: Exporter) -> None:
     assert b"mcn_active_calls" in gzip.decompress(result.content)
 
 
+@pytest.mark.parametrize(
+    ("accept_encoding", "gzipped"),
+    [("gzip", True), ("br, gzip;q=0.5", True), ("gzip;q=0", False), ("identity", False)],
+)
+def test_metrics_gzip_only_when_acceptable(
+    exporter: Exporter, accept_encoding: str, gzipped: bool
+) -> None:
+    result = exporter.client.simulate_get("/metrics", headers={"Accept-Encoding": accept_encoding})
+    assert (result.headers.get("Content-Encoding") == "gzip") is gzipped
+
+
 def test_healthz(exporter: Exporter) -> None:
     result = exporter.client.simulate_get("/healthz")
     assert (result.status_code, result.json) == (200, {"status": "ok"})

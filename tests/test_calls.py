@@ -107,17 +107,6 @@ def test_extensions_past_the_limit_are_counted_as_other(
     assert snapshot.counters[TallyKind.OVERFLOW] == {(str(ACCOUNT),): 4}
 
 
-def test_limit_is_shared_by_trackers_on_one_store(store: SqliteCallStore, clock: FakeClock) -> None:
-    first = CallTracker(store, TrackerSettings(max_extensions=2), clock)
-    second = CallTracker(store, TrackerSettings(max_extensions=2), clock)
-    first.on_event(event("onInCallingStart", abon="1", call_id="x1"))
-    second.on_event(event("onInCallingStart", abon="2", call_id="x2"))
-    first.on_event(event("onInCallingStart", abon="3", call_id="x3"))
-
-    extensions = {labels.extension for labels in store.snapshot().active}
-    assert extensions == {"1", "2", OTHER_EXTENSION}
-
-
 def test_expire_stale_closes_only_legs_past_max_duration(
     tracker: CallTracker, store: SqliteCallStore, clock: FakeClock
 ) -> None:
@@ -161,3 +150,94 @@ def test_fifty_extensions_with_a_limit_of_ten_give_ten_series_plus_other(
     other = f"account={ACCOUNT},direction=inbound,extension=other,service=vpbx"
     assert started[other] == 40
     assert sum(started.values()) == 50
+
+
+def test_an_extension_admitted_by_another_worker_keeps_its_own_series(
+    store: SqliteCallStore, clock: FakeClock
+) -> None:
+    first = CallTracker(store, TrackerSettings(max_extensions=2), clock)
+    second = CallTracker(store, TrackerSettings(max_extensions=2), clock)
+    first.on_event(event("onInCallingStart", abon="201", call_id="a"))
+    first.on_event(event("onInCallingStart", abon="202", call_id="b"))
+    second.on_event(event("onInCallingStart", abon="999", call_id="c"))  # full: other
+    second.on_event(event("onInCallingStart", abon="201", call_id="d"))
+
+    started = store.snapshot().counters[TallyKind.STARTED]
+    assert {labels[3]: n for labels, n in started.items()} == {"201": 2, "202": 1, "other": 1}
+
+
+def test_configured_extensions_keep_their_places_in_the_limit(
+    make_exporter: Callable[..., Exporter],
+) -> None:
+    exporter = make_exporter(
+        limits={"max_extensions": 2}, extensions={str(ACCOUNT): {"101": "A", "102": "B"}}
+    )
+    for extension in ("201", "202", "101", "102"):
+        exporter.event("onInCallingStart", abon=extension, call_id=extension)
+
+    started = call_totals(exporter.samples())["mcn_calls_started_total"]
+    extensions = {key.split(",")[2].split("=")[1]: n for key, n in started.items()}
+    assert extensions == {"101": 1, "102": 1, OTHER_EXTENSION: 2}
+
+
+def test_ring_group_without_call_id_closes_legs_on_notices_without_the_caller(
+    tracker: CallTracker, store: SqliteCallStore
+) -> None:
+    for extension in ("108", "109"):
+        tracker.on_event(event("onInCallingStart", abon=extension, did="+421900111222"))
+    tracker.on_event(event("onInCallingAnswered", abon="108", did="+421900111222"))
+    assert tracker.on_event(event("onCloseIncomingNotice", abon="109")) is Disposition.CLOSED
+    assert {labels.extension: n for labels, n in store.snapshot().active.items() if n} == {"108": 1}
+
+
+def test_concurrent_calls_from_withheld_numbers_are_separate_calls(
+    tracker: CallTracker, store: SqliteCallStore, clock: FakeClock
+) -> None:
+    assert tracker.on_event(event("InboundCallStart")) is Disposition.OPENED
+    clock.advance(1)
+    assert tracker.on_event(event("InboundCallStart")) is Disposition.OPENED
+    assert tracker.on_event(event("InboundCallEnd")) is Disposition.CLOSED
+    assert tracker.on_event(event("InboundCallEnd")) is Disposition.CLOSED
+    snapshot = store.snapshot()
+    assert sum(snapshot.active.values()) == 0
+    assert snapshot.counters[TallyKind.ENDED] == {
+        (str(ACCOUNT), "telephony", "inbound", "", "completed"): 2
+    }
+
+
+def test_start_arriving_after_its_end_opens_no_phantom_leg(
+    tracker: CallTracker, store: SqliteCallStore, clock: FakeClock
+) -> None:
+    assert tracker.on_event(event("onInCallingEnd", did="+1", billsec=4)) is Disposition.UNMATCHED
+    clock.advance(1)
+    assert tracker.on_event(event("onInCallingStart", did="+1")) is Disposition.DUPLICATE
+    assert sum(store.snapshot().active.values()) == 0
+
+
+def test_end_of_a_call_that_outlived_max_duration_changes_nothing_more(
+    tracker: CallTracker, store: SqliteCallStore, clock: FakeClock
+) -> None:
+    tracker.on_event(event("onInCallingStart", did="+1"))
+    clock.advance(4 * 3600 + 60)
+    assert tracker.expire_stale() == 1
+    clock.advance(3600)
+    assert tracker.on_event(event("onInCallingEnd", did="+1", billsec=5000)) is (
+        Disposition.DUPLICATE
+    )
+    assert ended(store) == {(str(ACCOUNT), "vpbx", "inbound", "108", "expired"): 1}
+
+
+def test_events_are_dated_by_the_clock_inside_the_transaction(
+    store: SqliteCallStore, clock: FakeClock
+) -> None:
+    readings: list[float] = []
+
+    def clock_with_lock_check() -> float:
+        # The store's write lock is held while the tracker reads the clock.
+        readings.append(float(store._write_lock.locked()))
+        return clock()
+
+    CallTracker(store, TrackerSettings(), clock_with_lock_check).on_event(
+        event("onInCallingStart", call_id="t")
+    )
+    assert readings == [1.0]

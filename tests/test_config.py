@@ -144,6 +144,13 @@ def test_secret_file_relative_to_the_config(tmp_path: Path) -> None:
             "extensions.10123: 2 extensions configured but limits.max_extensions is 1",
         ),
         ({**MINIMAL, "store": {"redis": "redis://x"}}, "store.redis: unknown key"),
+        ({"accounts": [{"id": "\u00b2", "secret": "x"}]}, "accounts[0].id: must be a positive"),
+        ({**MINIMAL, "server": {"workers": "\u00b2"}}, "server.workers: must be an integer"),
+        ({**MINIMAL, "server": {"timeout": "nan"}}, "server.timeout: must be a positive duration"),
+        (
+            {**MINIMAL, "calls": {"max_duration": float("inf")}},
+            "calls.max_duration: must be a positive duration",
+        ),
         ([1, 2], "(root): must be a mapping, not a list"),
     ],
 )
@@ -169,6 +176,13 @@ def test_every_error_is_reported_not_just_the_first() -> None:
 def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+    (tmp_path / "latin1.yaml").write_bytes(b"accounts: [{id: 1, secret: caf\xe9}]\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(tmp_path / "latin1.yaml")
+    (tmp_path / "secret.bin").write_bytes(b"\xff\xfe")
+    assert errors_of({"accounts": [{"id": 1, "secret_file": "secret.bin"}]}, tmp_path) == [
+        "accounts[0].secret_file: secret.bin is not UTF-8 text"
+    ]
     (tmp_path / "bad.yaml").write_text("accounts: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")

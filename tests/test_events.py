@@ -70,6 +70,15 @@ def test_all_eleven_event_types_are_known() -> None:
     assert (Service.VPBX, Direction.OUTBOUND, Step.MISS) in steps
 
 
+def test_fields_an_event_does_not_use_are_not_checked() -> None:
+    telephony = parse(
+        event_type="InboundCallEnd", abon="odd abon!", secret=SECRET, account_id=ACCOUNT
+    )
+    assert telephony.abon == ""
+    unknown = parse(event_type="onFuture", abon=["x"], call_id=5, secret=SECRET, account_id=ACCOUNT)
+    assert (unknown.kind, unknown.service) == (None, Service.VPBX)
+
+
 def test_unknown_event_type_is_accepted_without_a_kind() -> None:
     event = parse(event_type="onFutureThing", abon="7", secret=SECRET, account_id=ACCOUNT)
     assert (event.event_type, event.kind, event.service) == ("unknown", None, Service.VPBX)

@@ -13,9 +13,8 @@ from tests.conftest import ACCOUNT, SECRET, Exporter, Samples
 
 FIELDS = ("event_type", "abon", "did", "did_mcn", "call_id", "billsec", "secret", "account_id")
 
-odd_text = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=()), max_size=40
-) | st.sampled_from(
+# Any code point, lone surrogates included: JSON can carry them, UTF-8 cannot.
+odd_text = st.text(alphabet=st.characters(exclude_categories=()), max_size=40) | st.sampled_from(
     [
         "",
         " ",
@@ -63,8 +62,27 @@ def mutated_event(draw: st.DrawFn) -> bytes:
     return json.dumps(body, allow_nan=True).encode()
 
 
+@st.composite
+def authenticated_event_with_one_bad_field(draw: st.DrawFn) -> bytes:
+    """Past the secret check, so every later check and the store see the junk."""
+    event_type = draw(st.sampled_from(sorted(EVENT_KINDS)))
+    body: dict[str, Any] = {
+        "event_type": event_type,
+        "abon": "108",
+        "did": "+421222202999",
+        "call_id": "c-1",
+        "secret": SECRET,
+        "account_id": ACCOUNT,
+    }
+    field = draw(st.sampled_from(["abon", "did", "did_mcn", "call_id", "billsec", "event_type"]))
+    body[field] = draw(odd_text | junk)
+    return json.dumps(body, allow_nan=True).encode()
+
+
 bodies = (
-    mutated_event()
+    authenticated_event_with_one_bad_field()
+    | authenticated_event_with_one_bad_field()  # twice: the deepest checks get the most tries
+    | mutated_event()
     | junk.map(lambda value: json.dumps(value, allow_nan=True).encode())
     | st.binary(max_size=200)
     | st.builds(lambda n: b"[" * n + b"]" * n, st.integers(1, 20_000))

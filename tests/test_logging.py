@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import time
 from collections.abc import Callable
 
 import pytest
@@ -67,3 +70,19 @@ def test_log_of_a_run_with_secrets_and_phone_numbers_contains_neither(
     for number in PHONE_NUMBERS:
         assert number not in log
         assert number not in digits_in_log
+
+
+@pytest.mark.server
+def test_json_logs_hold_gunicorn_lines_too(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(workers=2, logging={"level": "info", "json": True})
+    assert server.post(b"{}")[0] == 422
+    os.kill(server.worker_pids()[0], signal.SIGKILL)  # gunicorn itself reports this one
+    deadline = time.monotonic() + 30
+    while "SIGKILL" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    server.stop()
+
+    entries = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+    loggers = {entry["logger"] for entry in entries}
+    assert {"exporter.http", "exporter.server", "gunicorn.error"} <= loggers
+    assert all({"time", "level", "message"} <= entry.keys() for entry in entries)

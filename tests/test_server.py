@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,16 +54,25 @@ def start_simulate(server: ServerProcess, *args: str) -> subprocess.Popen[bytes]
     )
 
 
-def assert_matches_truth(samples: Samples, truth: dict[str, Any], events_exact: bool) -> None:
+def assert_matches_truth(samples: Samples, truth: dict[str, Any]) -> None:
+    """Every sample simulate expects, exactly; deliveries up to the retries it made over.
+
+    A delivery retried because its answer was lost (the worker died after taking it) is
+    rightly counted twice by mcn_webhook_events_total, and by nothing else.
+    """
     checked = 0
     for name, expected_samples in truth["samples"].items():
-        if name == "mcn_webhook_events_total" and not events_exact:
-            continue  # a delivery retried after a kill may have been counted by the dead worker
         expected = {
             tuple(sorted(s["labels"].items())): s["value"] for s in expected_samples if s["value"]
         }
         shown = {labels: value for labels, value in samples.get(name, {}).items() if value}
-        assert shown == expected, name
+        if name == "mcn_webhook_events_total":
+            assert shown.keys() == expected.keys()
+            excess = {labels: shown[labels] - expected[labels] for labels in expected}
+            assert all(extra >= 0 for extra in excess.values()), excess
+            assert sum(excess.values()) <= truth["retries"]
+        else:
+            assert shown == expected, name
         checked += sum(expected.values())
     assert checked > 0
 
@@ -80,7 +90,7 @@ def test_simulated_traffic_under_three_workers_matches_the_ground_truth_exactly(
 
     assert truth["events"] >= 5000
     assert truth["failed"] == 0
-    assert_matches_truth(server.samples(), truth, events_exact=truth["retries"] == 0)
+    assert_matches_truth(server.samples(), truth)
 
 
 def test_a_worker_killed_midway_loses_no_call(start_server: StartServer) -> None:
@@ -104,7 +114,26 @@ def test_a_worker_killed_midway_loses_no_call(start_server: StartServer) -> None
     assert truth["events"] >= 5000
     assert truth["retries"] > 0  # the kills cut deliveries short, and the simulator resent them
     assert not set(killed) & set(server.worker_pids())
-    assert_matches_truth(server.samples(), truth, events_exact=False)
+    assert_matches_truth(server.samples(), truth)
+
+
+def test_a_restart_midway_loses_no_call(start_server: StartServer) -> None:
+    server = start_server(workers=3, extensions=EXTENSIONS)
+    simulate = start_simulate(
+        server, "--calls", "2000", "--concurrency", "32", "--pace", "0.02", "--seed", "11"
+    )
+    deadline = time.monotonic() + 120
+    while events_delivered(server) < 2000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.stop(signal.SIGTERM) == 0
+    server.start()
+
+    stdout, stderr = simulate.communicate(timeout=600)
+    assert simulate.returncode == 0, stderr.decode()
+    truth = json.loads(stdout)
+    assert truth["events"] >= 5000
+    assert truth["retries"] > 0  # deliveries during the restart were refused, then resent
+    assert_matches_truth(server.samples(), truth)
 
 
 def wait_for_workers(server: ServerProcess, count: int, excluding: list[int]) -> None:
@@ -168,13 +197,19 @@ def post_events(server: ServerProcess, *event_types: str) -> None:
 
 
 def assert_matches_truth_ignoring_open_calls(samples: Samples, truth: dict[str, Any]) -> None:
-    trimmed = dict(truth)
-    trimmed["samples"] = {
-        name: values
-        for name, values in truth["samples"].items()
-        if name in ("mcn_calls_ended_total", "mcn_call_ring_seconds_count")
+    """The truth of a finished simulation, on a server where other calls are still open."""
+    open_calls = (
+        "mcn_calls_started_total",
+        "mcn_active_calls",
+        "mcn_call_ring_seconds_count",
+        "mcn_call_talk_seconds_count",
+        "mcn_webhook_events_total",
+    )
+    trimmed = {
+        **truth,
+        "samples": {k: v for k, v in truth["samples"].items() if k not in open_calls},
     }
-    assert_matches_truth(samples, trimmed, events_exact=False)
+    assert_matches_truth(samples, trimmed)
 
 
 def test_sigterm_drains_and_exits_cleanly_removing_the_metrics_directory(
@@ -229,6 +264,26 @@ def test_chunked_bodies_are_read_and_limited_like_any_other(start_server: StartS
         ]
         == 1
     )
+
+
+def test_a_broken_chunked_body_or_a_cut_body_is_malformed_not_a_500(
+    start_server: StartServer,
+) -> None:
+    server = start_server(workers=1)
+    head = b"POST /webhook HTTP/1.1\r\nHost: x\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert b'"reason": "malformed"' in answer
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"event_type": "x"')
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(65536)
+
+    samples = server.samples()
+    assert samples["mcn_webhook_rejected_total"][(("reason", "malformed"),)] == 2
+    assert "Traceback" not in server.log()
 
 
 def test_a_broken_worker_metrics_file_does_not_break_the_scrape(
