@@ -1,0 +1,240 @@
+"""The shipped Prometheus rules and example configs, checked by the real tools (promtool,
+amtool) and against the contract: metric names of SPEC §3, runbooks, and a firing and a silent
+case per alert."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from tests.monitoring.conftest import (
+    DASHBOARD_FILES,
+    PROMETHEUS_DIR,
+    PROMTOOL_TESTS,
+    REPO,
+    RULE_FILES,
+    RUNBOOKS,
+    iter_panels,
+    load_dashboard,
+    load_yaml,
+    require_tool,
+    run,
+    shipped_alerts,
+    shipped_rules,
+    variable_query,
+    variables,
+)
+
+# SPEC §3: the exporter's metrics (names are fixed), and the samples they expose.
+SPEC_METRICS = {
+    "mcn_active_calls": "gauge",
+    "mcn_calls_started_total": "counter",
+    "mcn_calls_ended_total": "counter",
+    "mcn_call_ring_seconds": "histogram",
+    "mcn_call_talk_seconds": "histogram",
+    "mcn_webhook_events_total": "counter",
+    "mcn_webhook_rejected_total": "counter",
+    "mcn_call_events_unmatched_total": "counter",
+    "mcn_last_event_timestamp_seconds": "gauge",
+    "mcn_extension_overflow_total": "counter",
+    "mcn_extension_info": "gauge",
+    "mcn_exporter_build_info": "gauge",
+}
+SPEC_SAMPLES = {
+    f"{name}{suffix}"
+    for name, kind in SPEC_METRICS.items()
+    for suffix in (("_bucket", "_count", "_sum") if kind == "histogram" else ("",))
+}
+SEVERITIES = {"critical", "warning"}
+RUNBOOK_BASE = "https://github.com/mcn-exporter/mcn-exporter/blob/main/docs/runbooks.md#"
+
+
+def test_promtool_check_rules_is_clean() -> None:
+    promtool = require_tool("promtool")
+    assert RULE_FILES, "no rule files shipped"
+    done = run([promtool, "check", "rules", *map(str, RULE_FILES)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("SUCCESS") == len(RULE_FILES), done.stdout
+    assert "WARNING" not in done.stdout + done.stderr
+
+
+def test_promtool_test_rules_passes() -> None:
+    promtool = require_tool("promtool")
+    assert PROMTOOL_TESTS, "no promtool test files"
+    done = run([promtool, "test", "rules", *map(str, PROMTOOL_TESTS)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("SUCCESS") == len(PROMTOOL_TESTS), done.stdout
+
+
+def test_promtool_tests_load_the_shipped_rules() -> None:
+    recording = PROMETHEUS_DIR / "rules" / "mcn-exporter-recording.yml"
+    for path in PROMTOOL_TESTS:
+        loaded = {(path.parent / name).resolve() for name in load_yaml(path)["rule_files"]}
+        assert loaded <= set(RULE_FILES), path
+        assert recording in loaded, f"{path.name}: the alerts read the recorded series"
+
+
+def _alert_tests() -> dict[str, list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """alertname -> [(test group, alert_rule_test case)] over every promtool test file."""
+    cases: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for path in PROMTOOL_TESTS:
+        for group in load_yaml(path)["tests"]:
+            for case in group.get("alert_rule_test", []):
+                cases.setdefault(case["alertname"], []).append((group, case))
+    return cases
+
+
+IDENTITY = ("account", "extension", "instance", "job")
+
+
+def _series_identities(group: dict[str, Any]) -> set[tuple[tuple[str, str], ...]]:
+    identities = set()
+    for series in group["input_series"]:
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', series["series"]))
+        identities.add(tuple((key, labels[key]) for key in IDENTITY if key in labels))
+    return identities
+
+
+@pytest.mark.parametrize("alert", [a["alert"] for a in shipped_alerts()])
+def test_every_alert_is_tested_firing_and_silent(alert: str) -> None:
+    cases = _alert_tests().get(alert, [])
+    firing = [(group, case) for group, case in cases if case["exp_alerts"]]
+    assert firing, f"{alert}: no promtool case where it fires"
+    # Silent: an evaluation where it must not fire at all, or input series (an account, an
+    # extension, an instance) that are in a test where it fires but are not among the alerts.
+    # promtool compares the whole list of alerts, so those series are checked to stay silent.
+    silent: list[object] = [case for _, case in cases if not case["exp_alerts"]]
+    for group, case in firing:
+        fired = {
+            tuple((k, str(v)) for k, v in sorted(alert_case["exp_labels"].items()) if k in IDENTITY)
+            for alert_case in case["exp_alerts"]
+        }
+        quiet = [
+            identity
+            for identity in _series_identities(group)
+            if not any(set(f) <= set(identity) for f in fired)
+        ]
+        silent += quiet
+    assert silent, f"{alert}: no promtool case where it stays silent"
+
+
+@pytest.mark.parametrize("rule", shipped_alerts(), ids=lambda r: r["alert"])
+def test_every_alert_has_severity_summary_description_and_runbook(rule: dict[str, Any]) -> None:
+    assert re.fullmatch(r"MCN[A-Z][A-Za-z]+", rule["alert"])
+    assert rule["labels"]["severity"] in SEVERITIES
+    annotations = rule["annotations"]
+    for key in ("summary", "description", "runbook_url"):
+        assert annotations.get(key, "").strip(), f"{rule['alert']}: no {key}"
+    assert annotations["runbook_url"] == RUNBOOK_BASE + rule["alert"].lower()
+    assert "for" in rule, f"{rule['alert']}: say how long it must hold (for:)"
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of a markdown file."""
+    anchors = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", markdown, flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+def test_every_runbook_url_has_its_section_in_docs_runbooks() -> None:
+    text = RUNBOOKS.read_text()
+    anchors = github_anchors(text)
+    sections = re.split(r"^## ", text, flags=re.MULTILINE)
+    for rule in shipped_alerts():
+        anchor = rule["annotations"]["runbook_url"].rsplit("#", 1)[1]
+        assert anchor in anchors, f"docs/runbooks.md has no section for {rule['alert']}"
+        (section,) = [s for s in sections if s.startswith(rule["alert"] + "\n")]
+        assert "What it means" in section, rule["alert"]
+        assert "What to check first" in section, rule["alert"]
+
+
+def _names_in(expr: str) -> set[str]:
+    expr = re.sub(r"#[^\n]*", "", expr)  # comments
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings (label values, templates)
+    return set(re.findall(r"\b(?:[a-z_]+:[a-z0-9_]+:[a-z0-9_]+|mcn_[a-z_]+)\b", expr))
+
+
+def _referenced_expressions() -> list[tuple[str, str]]:
+    found = [
+        (f"{r['_file']} {r.get('record') or r.get('alert')}", r["expr"]) for r in shipped_rules()
+    ]
+    for path in DASHBOARD_FILES:
+        dashboard = load_dashboard(path)
+        for panel in iter_panels(dashboard["panels"]):
+            found += [(f"{path.name} {panel['title']}", t["expr"]) for t in panel["targets"]]
+        for var in variables(dashboard).values():
+            if var["type"] == "query":
+                found.append((f"{path.name} ${var['name']}", variable_query(var)))
+    return found
+
+
+def test_rules_and_dashboards_use_only_spec_metrics_and_recorded_series() -> None:
+    recorded = {rule["record"] for rule in shipped_rules() if "record" in rule}
+    unknown = [
+        (where, name)
+        for where, expr in _referenced_expressions()
+        for name in _names_in(expr)
+        if name not in SPEC_SAMPLES and name not in recorded
+    ]
+    assert unknown == []
+
+
+def test_recording_rule_names_follow_the_convention() -> None:
+    for rule in shipped_rules():
+        if "record" in rule:
+            assert re.fullmatch(r"account(_extension|_le)?:mcn_[a-z_]+:[a-z0-9_]+", rule["record"])
+
+
+def test_example_prometheus_config_is_valid_and_loads_every_rule_file() -> None:
+    promtool = require_tool("promtool")
+    path = PROMETHEUS_DIR / "prometheus.yml"
+    done = run([promtool, "check", "config", str(path)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = load_yaml(path)
+    assert sorted((path.parent / name).resolve() for name in config["rule_files"]) == RULE_FILES
+    assert [job["job_name"] for job in config["scrape_configs"]] == ["mcn-exporter"]
+    alerts_job = {m for r in shipped_alerts() for m in re.findall(r'job="([^"]+)"', r["expr"])}
+    assert alerts_job == {"mcn-exporter"}
+
+
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        (["alertname=MCNMissedCallSpike", "severity=critical", "account=1"], "mcn-oncall"),
+        (["alertname=MCNExporterDown", "severity=critical"], "mcn-oncall"),
+        (["alertname=MCNHighMissedRatio", "severity=warning", "account=1"], "mcn-team"),
+        (["alertname=MCNWebhookUnauthorized", "severity=warning"], "mcn-team"),
+    ],
+)
+def test_example_alertmanager_config_routes_by_severity(labels: list[str], receiver: str) -> None:
+    amtool = require_tool("amtool")
+    path = PROMETHEUS_DIR / "alertmanager.yml"
+    checked = run([amtool, "check-config", str(path)])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    routed = run([amtool, "config", "routes", "test", f"--config.file={path}", *labels])
+    assert routed.returncode == 0, routed.stdout + routed.stderr
+    assert routed.stdout.split() == [receiver]
+
+
+def test_every_severity_has_a_route_and_every_inhibited_alert_exists() -> None:
+    config = load_yaml(PROMETHEUS_DIR / "alertmanager.yml")
+    routed = {m for route in config["route"]["routes"] for m in route["matchers"]}
+    assert {f'severity="{s}"' for s in SEVERITIES} <= routed
+    names = {rule["alert"] for rule in shipped_alerts()}
+    for inhibit in config["inhibit_rules"]:
+        for matcher in inhibit["source_matchers"] + inhibit["target_matchers"]:
+            match = re.fullmatch(r'alertname=~?"([^"]+)"', matcher)
+            assert match, matcher
+            assert set(match[1].split("|")) <= names, matcher
+
+
+def test_docs_describe_every_alert_and_threshold() -> None:
+    monitoring = (REPO / "docs" / "monitoring.md").read_text()
+    for rule in shipped_alerts():
+        assert rule["alert"] in monitoring, f"docs/monitoring.md does not mention {rule['alert']}"
+    for path in RULE_FILES:
+        assert f"prometheus/rules/{path.name}" in monitoring
