@@ -7,9 +7,12 @@ worker killed at any instant leaves either both or neither.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -34,6 +37,9 @@ from exporter.legs import (
 R = TypeVar("R")
 SCHEMA_VERSION = "1"
 BUSY_TIMEOUT_MS = 10_000
+CHECKPOINT_COMMITS = 100  # about as often as SQLite's default of 1,000 WAL pages
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint
 
 
 class StoreUnavailable(Exception):
@@ -122,8 +128,8 @@ CREATE TABLE IF NOT EXISTS legs (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS legs_by_call_id
     ON legs (account, call_id, abon) WHERE call_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS legs_by_extension
-    ON legs (account, service, direction, abon, opened_at) WHERE call_id IS NULL;
+CREATE INDEX IF NOT EXISTS legs_by_party
+    ON legs (account, service, direction, abon, party, opened_at) WHERE call_id IS NULL;
 CREATE INDEX IF NOT EXISTS legs_open ON legs (opened_at) WHERE closed_at IS NULL;
 CREATE INDEX IF NOT EXISTS legs_closed ON legs (closed_at) WHERE closed_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS active_legs (
@@ -151,8 +157,68 @@ LEG_COLUMNS = (
 )
 
 
+class _Checkpointer:
+    """Copies the WAL into the database from a thread of its own, every CHECKPOINT_COMMITS.
+
+    Left to SQLite, the checkpoint (two fsyncs, milliseconds) runs inside the COMMIT of
+    whichever event filled the WAL, while every worker waits for the write lock. PASSIVE never
+    blocks readers or writers; SQLite's own autocheckpoint stays as a safety net.
+    """
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._due = threading.Event()
+        self._commits = 0
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._stopping = False
+
+    def committed(self) -> None:
+        self._commits += 1
+        if self._commits >= CHECKPOINT_COMMITS:
+            self._commits = 0
+            if self._pid != os.getpid():  # threads do not survive a fork: one per process
+                self._start()
+            self._due.set()
+
+    def stop(self) -> None:
+        if self._thread is not None and self._pid == os.getpid():
+            self._stopping = True
+            self._due.set()
+            self._thread.join()
+        self._thread, self._pid, self._stopping = None, 0, False
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        connection: sqlite3.Connection | None = None
+        try:
+            while True:
+                self._due.wait()
+                self._due.clear()
+                if self._stopping:
+                    return
+                try:
+                    connection = connection or self._connect()
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    pass  # busy or failing now: the next round, or SQLite's own, retries
+        finally:
+            if connection is not None:
+                connection.close()
+
+
 class SqliteCallStore:
-    """A CallStore in one SQLite file. Each thread gets its own connection."""
+    """A CallStore in one SQLite file: one connection per process writes, one per thread reads.
+
+    Writers queue twice: threads on a lock of their process, processes on a flock of
+    `<store>.lock`, which the kernel hands over the moment it is released. SQLite's own busy
+    handler, which sleeps 1, 2, 5 ... 100 ms between tries however soon the lock comes free, is
+    left for writers from outside.
+    """
 
     def __init__(self, path: str | Path, layout: TallyLayout) -> None:
         self.path = Path(path)
@@ -160,8 +226,13 @@ class SqliteCallStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        # One writer per process at a time: threads queue here instead of in SQLite's busy loop.
         self._write_lock = threading.Lock()
+        # Opened in the process that writes: a flock is shared by every copy of its descriptor,
+        # so a descriptor inherited through fork would not keep two workers apart.
+        self._writer: sqlite3.Connection | None = None
+        self._lock_fd = -1
+        self._owner_pid = 0
+        self._checkpoints = _Checkpointer(self._open)
         self._party_key = b""
         self._guard(self._initialise)
 
@@ -169,8 +240,8 @@ class SqliteCallStore:
 
     @contextmanager
     def transaction(self) -> Iterator[_SqliteTransaction]:
-        with self._write_lock:
-            connection = self._guard(self._connection)
+        with self._write_lock, self._process_lock():
+            connection = self._guard(self._write_connection)
             self._guard(lambda: connection.execute("BEGIN IMMEDIATE"))
             try:
                 yield _SqliteTransaction(connection, self.layout, self._party_key)
@@ -180,6 +251,7 @@ class SqliteCallStore:
                 if isinstance(exc, sqlite3.Error):
                     raise StoreUnavailable(str(exc)) from exc
                 raise
+            self._checkpoints.committed()
 
     def snapshot(self) -> StoreSnapshot:
         return self._guard(self._read_snapshot)
@@ -199,6 +271,11 @@ class SqliteCallStore:
         self._guard(lambda: self._connection().execute("SELECT count(*) FROM meta").fetchone())
 
     def close(self) -> None:
+        self._checkpoints.stop()
+        with self._write_lock:
+            if self._lock_fd >= 0 and self._owner_pid == os.getpid():
+                os.close(self._lock_fd)
+            self._lock_fd, self._writer = -1, None
         with self._connections_lock:
             for connection in self._connections:
                 connection.close()
@@ -209,9 +286,9 @@ class SqliteCallStore:
 
     def _initialise(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = self._connection()
-        connection.execute("PRAGMA journal_mode=WAL")
-        with self._write_lock:
+        with self._write_lock, self._process_lock():
+            connection = self._write_connection()
+            connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("BEGIN IMMEDIATE")
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -231,26 +308,68 @@ class SqliteCallStore:
             )
         self._party_key = bytes.fromhex(meta["party_key"])
 
+    @contextmanager
+    def _process_lock(self) -> Iterator[None]:
+        """The cross-process write lock; the caller holds `_write_lock`."""
+        self._adopt_process()
+        if self._lock_fd < 0:
+            try:
+                self._lock_fd = os.open(
+                    f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot open {self.path}.lock: {exc}") from exc
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _adopt_process(self) -> None:
+        """Forget the write lock and connection of the process this object was forked from."""
+        if self._owner_pid != os.getpid():
+            self._owner_pid = os.getpid()
+            self._lock_fd, self._writer = -1, None
+
+    def _write_connection(self) -> sqlite3.Connection:
+        """The one connection this process writes through; its threads take turns on it.
+
+        Each connection keeps its own page cache, which SQLite empties whenever another
+        connection has written: a writer per thread would only multiply resident memory.
+        """
+        if self._writer is None:
+            self._writer = self._open()
+            with self._connections_lock:
+                self._connections.append(self._writer)
+        return self._writer
+
     def _connection(self) -> sqlite3.Connection:
+        """This thread's connection for reading."""
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
-            connection = sqlite3.connect(
-                self.path,
-                isolation_level=None,
-                check_same_thread=False,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-            )
-            try:
-                # NORMAL in WAL mode: a killed process loses nothing; only a power cut can lose
-                # the last commits, never the file's consistency.
-                connection.execute("PRAGMA synchronous=NORMAL")
-                connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            except sqlite3.Error:
-                connection.close()
-                raise
+            connection = self._open()
             self._local.connection = connection
             with self._connections_lock:
                 self._connections.append(connection)
+        return connection
+
+    def _open(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+        )
+        try:
+            # NORMAL in WAL mode: a killed process loses nothing; only a power cut can lose
+            # the last commits, never the file's consistency.
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            connection.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            connection.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        except sqlite3.Error:
+            connection.close()
+            raise
         return connection
 
     def _read_snapshot(self) -> StoreSnapshot:
@@ -292,6 +411,24 @@ class SqliteCallStore:
             raise StoreUnavailable(str(exc)) from exc
 
 
+_STILL_MATCHES = "(closed_at IS NULL OR closed_at >= ? OR outcome = 'expired')"
+_LEGS_OF_EXTENSION = (
+    f"SELECT {LEG_COLUMNS} FROM legs"
+    " WHERE account = ? AND service = ? AND direction = ? AND abon = ? AND call_id IS NULL"
+    f" AND {_STILL_MATCHES} ORDER BY opened_at, id"
+)
+# The same party, or a leg whose party is unknown (either side may lack the number).
+_LEGS_OF_PARTY = (
+    f"SELECT {LEG_COLUMNS} FROM legs"
+    " WHERE account = ? AND service = ? AND direction = ? AND abon = ? AND call_id IS NULL"
+    f" AND party = ? AND {_STILL_MATCHES}"
+    f" UNION ALL SELECT {LEG_COLUMNS} FROM legs"
+    " WHERE account = ? AND service = ? AND direction = ? AND abon = ? AND call_id IS NULL"
+    f" AND party IS NULL AND {_STILL_MATCHES}"
+    " ORDER BY opened_at, id"
+)
+
+
 class _SqliteTransaction:
     def __init__(self, connection: sqlite3.Connection, layout: TallyLayout, key: bytes) -> None:
         self.connection = connection
@@ -307,22 +444,14 @@ class _SqliteTransaction:
         else:
             assert event.kind is not None
             party = self._party(event.did)
-            rows = self.connection.execute(
-                f"SELECT {LEG_COLUMNS} FROM legs"
-                " WHERE account = ? AND service = ? AND direction = ? AND abon = ?"
-                " AND call_id IS NULL AND (party = ? OR party IS NULL OR ? IS NULL)"
-                " AND (closed_at IS NULL OR closed_at >= ? OR outcome = 'expired')"
-                " ORDER BY opened_at, id",
-                (
-                    event.account,
-                    event.service.value,
-                    event.kind.direction.value,
-                    event.abon,
-                    party,
-                    party,
-                    closed_since,
-                ),
-            )
+            extension = (event.account, event.service.value, event.kind.direction.value, event.abon)
+            if party is None:
+                rows = self.connection.execute(_LEGS_OF_EXTENSION, (*extension, closed_since))
+            else:
+                # Two seeks in legs_by_party, not a walk over every recent leg of the extension.
+                rows = self.connection.execute(
+                    _LEGS_OF_PARTY, (*extension, party, closed_since, *extension, closed_since)
+                )
         return [_leg(row) for row in rows]
 
     def insert_leg(self, leg: Leg, did: str | None) -> None:
@@ -451,6 +580,12 @@ def _rollback(connection: sqlite3.Connection) -> None:
         connection.execute("ROLLBACK")
 
 
+# Enum(value) costs about a microsecond per call; a dict lookup a tenth of that.
+_SERVICES = {member.value: member for member in Service}
+_DIRECTIONS = {member.value: member for member in Direction}
+_OUTCOMES = {member.value: member for member in Outcome}
+
+
 def _leg(row: Any) -> Leg:
     (
         leg_id,
@@ -467,14 +602,14 @@ def _leg(row: Any) -> Leg:
         outcome,
     ) = row
     return Leg(
-        labels=LegLabels(account, Service(service), Direction(direction), extension),
+        labels=LegLabels(account, _SERVICES[service], _DIRECTIONS[direction], extension),
         abon=abon,
         call_id=call_id,
         opened_at=opened_at,
         started_at=started_at,
         answered_at=answered_at,
         closed_at=closed_at,
-        outcome=Outcome(outcome) if outcome else None,
+        outcome=_OUTCOMES[outcome] if outcome else None,
         id=leg_id,
     )
 
@@ -491,7 +626,9 @@ def _timing_series(
     return series
 
 
+@functools.lru_cache(maxsize=16384)
 def _key(labels: tuple[str, ...]) -> str:
+    # The same few label sets come back with every event: encode each once.
     return json.dumps(labels, separators=(",", ":"))
 
 

@@ -270,10 +270,10 @@ def test_a_broken_chunked_body_or_a_cut_body_is_malformed_not_a_500(
     start_server: StartServer,
 ) -> None:
     server = start_server(workers=1)
-    head = b"POST /webhook HTTP/1.1\r\nHost: x\r\n"
+    head = b"POST /webhook HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
-        answer = sock.recv(65536)
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))  # until the server closes
     assert answer.startswith(b"HTTP/1.1 400"), answer
     assert b'"reason": "malformed"' in answer
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
