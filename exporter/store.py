@@ -37,6 +37,7 @@ from exporter.legs import (
 R = TypeVar("R")
 SCHEMA_VERSION = "1"
 BUSY_TIMEOUT_MS = 10_000
+MAX_BATCH = 32  # changes committed together at most
 CHECKPOINT_COMMITS = 100  # about as often as SQLite's default of 1,000 WAL pages
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint
@@ -157,6 +158,22 @@ LEG_COLUMNS = (
 )
 
 
+class _Batch:
+    """Changes of several threads in one SQLite transaction, and how its commit went."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+        self.size = 0
+        self.error: BaseException | None = None
+        # Held until the batch ends; its members wait by taking it in turn (cheaper than an Event).
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def wait(self) -> None:
+        with self.done:
+            pass
+
+
 class _Checkpointer:
     """Copies the WAL into the database from a thread of its own, every CHECKPOINT_COMMITS.
 
@@ -217,7 +234,7 @@ class SqliteCallStore:
     Writers queue twice: threads on a lock of their process, processes on a flock of
     `<store>.lock`, which the kernel hands over the moment it is released. SQLite's own busy
     handler, which sleeps 1, 2, 5 ... 100 ms between tries however soon the lock comes free, is
-    left for writers from outside.
+    left for writers from outside. The threads that queue together share one commit.
     """
 
     def __init__(self, path: str | Path, layout: TallyLayout) -> None:
@@ -230,6 +247,10 @@ class SqliteCallStore:
         # Opened in the process that writes: a flock is shared by every copy of its descriptor,
         # so a descriptor inherited through fork would not keep two workers apart.
         self._writer: sqlite3.Connection | None = None
+        # The open group-commit transaction, and how many threads wait to add to it.
+        self._batch: _Batch | None = None
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
         self._lock_fd = -1
         self._owner_pid = 0
         self._checkpoints = _Checkpointer(self._open)
@@ -240,18 +261,44 @@ class SqliteCallStore:
 
     @contextmanager
     def transaction(self) -> Iterator[_SqliteTransaction]:
-        with self._write_lock, self._process_lock():
-            connection = self._guard(self._write_connection)
-            self._guard(lambda: connection.execute("BEGIN IMMEDIATE"))
+        """One change, committed when this returns (StoreUnavailable if it could not be).
+
+        Group commit: while other threads of this process wait for the write lock, the SQLite
+        transaction stays open and they add their changes to it, each in a savepoint of its own;
+        the last of them commits for all. No thread returns before the COMMIT that holds its
+        change, so a killed worker still loses only changes nobody was told about.
+        """
+        with self._waiting_lock:
+            self._waiting += 1
+        self._write_lock.acquire()
+        with self._waiting_lock:
+            self._waiting -= 1
+        failure: BaseException | None = None
+        try:
+            batch = self._batch or self._open_batch()
+            connection = batch.connection
+            first = batch.size == 0  # the first change has the whole transaction to itself
             try:
+                if not first:
+                    connection.execute("SAVEPOINT change")
                 yield _SqliteTransaction(connection, self.layout, self._party_key)
-                connection.execute("COMMIT")
+                if not first:
+                    connection.execute("RELEASE change")
+                batch.size += 1
             except BaseException as exc:
-                _rollback(connection)
-                if isinstance(exc, sqlite3.Error):
-                    raise StoreUnavailable(str(exc)) from exc
-                raise
-            self._checkpoints.committed()
+                failure = exc
+                self._undo_change(batch, first, exc)
+            if self._batch is batch and (batch.size >= MAX_BATCH or not self._waiting):
+                self._end_batch(batch, commit=True)
+        finally:
+            self._write_lock.release()
+        if failure is not None:
+            if isinstance(failure, sqlite3.Error):
+                raise StoreUnavailable(str(failure)) from failure
+            raise failure
+        batch.wait()
+        if batch.error is not None:
+            raise StoreUnavailable(str(batch.error)) from batch.error
 
     def snapshot(self) -> StoreSnapshot:
         return self._guard(self._read_snapshot)
@@ -286,21 +333,12 @@ class SqliteCallStore:
 
     def _initialise(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._write_lock, self._process_lock():
-            connection = self._write_connection()
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("BEGIN IMMEDIATE")
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    connection.execute(statement)
-            connection.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
-            )
-            connection.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('party_key', ?)", (secrets.token_hex(16),)
-            )
-            meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-            connection.execute("COMMIT")
+        with self._write_lock:
+            self._lock_processes()
+            try:
+                meta = self._create_schema(self._write_connection())
+            finally:
+                self._unlock_processes()
         if meta["schema_version"] != SCHEMA_VERSION:
             raise StoreUnavailable(
                 f"{self.path} holds schema version {meta['schema_version']}, this exporter "
@@ -308,8 +346,62 @@ class SqliteCallStore:
             )
         self._party_key = bytes.fromhex(meta["party_key"])
 
-    @contextmanager
-    def _process_lock(self) -> Iterator[None]:
+    def _create_schema(self, connection: sqlite3.Connection) -> dict[str, str]:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("BEGIN IMMEDIATE")
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                connection.execute(statement)
+        connection.execute(
+            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+        )
+        connection.execute(
+            "INSERT OR IGNORE INTO meta VALUES ('party_key', ?)", (secrets.token_hex(16),)
+        )
+        meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+        connection.execute("COMMIT")
+        return meta
+
+    def _open_batch(self) -> _Batch:
+        """BEGIN IMMEDIATE under the cross-process lock; the caller holds `_write_lock`."""
+        self._lock_processes()
+        try:
+            connection = self._guard(self._write_connection)
+            self._guard(lambda: connection.execute("BEGIN IMMEDIATE"))
+        except BaseException:
+            self._unlock_processes()
+            raise
+        self._batch = _Batch(connection)
+        return self._batch
+
+    def _undo_change(self, batch: _Batch, first: bool, exc: BaseException) -> None:
+        if first:
+            self._end_batch(batch, commit=False)
+            return
+        _rollback(batch.connection, "ROLLBACK TO change")
+        _rollback(batch.connection, "RELEASE change")
+        if not batch.connection.in_transaction:
+            # SQLite gave up the whole transaction (disk full, I/O error): the changes before
+            # this one are lost too, and their threads must hear it.
+            self._end_batch(batch, commit=False, error=exc)
+
+    def _end_batch(self, batch: _Batch, commit: bool, error: BaseException | None = None) -> None:
+        self._batch = None
+        batch.error = error
+        try:
+            if commit:
+                batch.connection.execute("COMMIT")
+                self._checkpoints.committed()
+            else:
+                _rollback(batch.connection)
+        except sqlite3.Error as exc:
+            batch.error = exc
+            _rollback(batch.connection)
+        finally:
+            self._unlock_processes()
+            batch.done.release()
+
+    def _lock_processes(self) -> None:
         """The cross-process write lock; the caller holds `_write_lock`."""
         self._adopt_process()
         if self._lock_fd < 0:
@@ -320,16 +412,15 @@ class SqliteCallStore:
             except OSError as exc:
                 raise StoreUnavailable(f"cannot open {self.path}.lock: {exc}") from exc
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _unlock_processes(self) -> None:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _adopt_process(self) -> None:
         """Forget the write lock and connection of the process this object was forked from."""
         if self._owner_pid != os.getpid():
             self._owner_pid = os.getpid()
-            self._lock_fd, self._writer = -1, None
+            self._lock_fd, self._writer, self._batch = -1, None, None
 
     def _write_connection(self) -> sqlite3.Connection:
         """The one connection this process writes through; its threads take turns on it.
@@ -575,9 +666,9 @@ class _SqliteTransaction:
         return digest.hexdigest()[:16]
 
 
-def _rollback(connection: sqlite3.Connection) -> None:
+def _rollback(connection: sqlite3.Connection, statement: str = "ROLLBACK") -> None:
     with suppress(sqlite3.Error):  # a failed COMMIT may already have rolled back
-        connection.execute("ROLLBACK")
+        connection.execute(statement)
 
 
 # Enum(value) costs about a microsecond per call; a dict lookup a tenth of that.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,40 @@ def test_unreadable_file_raises_store_unavailable(tmp_path: Path) -> None:
     path.write_bytes(b"garbage" * 1000)
     with pytest.raises(StoreUnavailable):
         SqliteCallStore(path, LAYOUT)
+
+
+def test_a_failing_change_in_a_shared_commit_takes_only_itself_back(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Threads that queue for the writer share one commit; each change stays its own."""
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    labels = LegLabels(ACCOUNT, Service.VPBX, Direction.INBOUND, "108")
+    taken: list[str] = []
+    taken_lock = threading.Lock()
+
+    def change(name: str, fail: bool) -> None:
+        with store.transaction() as tx:
+            tx.insert_leg(Leg(labels, "108", name, clock.now, clock.now), did=None)
+            if fail:
+                raise RuntimeError("this change fails after writing")
+        with taken_lock:
+            taken.append(name)
+
+    def worker(thread: int) -> None:
+        for n in range(200):
+            name = f"t{thread}-{n}"
+            with suppress(RuntimeError):
+                change(name, fail=n % 7 == 3)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    with sqlite3.connect(tmp_path / "calls.sqlite3") as connection:
+        stored = {row[0] for row in connection.execute("SELECT call_id FROM legs")}
+    assert stored == set(taken)
+    assert len(taken) == 8 * (200 - 29)
+    assert sum(store.snapshot().active.values()) == len(taken)
+    store.close()
