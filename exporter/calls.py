@@ -54,8 +54,6 @@ class CallTracker:
         self._store = store
         self._settings = settings
         self._clock = clock
-        # A place in the extension limit is never given back, so this set only grows.
-        self._admitted: set[tuple[int, str]] = set()
         self._last_cleanup = 0.0
 
     def on_event(self, event: CallEvent) -> Disposition:
@@ -95,8 +93,31 @@ class CallTracker:
         self, tx: StoreTransaction, event: CallEvent, step: Step, now: float
     ) -> tuple[Disposition, list[Tally]]:
         candidates = tx.candidate_legs(event, closed_since=now - self._settings.duplicate_window)
+        expired = self._expire_overdue(tx, candidates, now)
         if step is Step.START:
-            return self._start(tx, event, candidates, now)
+            disposition, tallies = self._start(tx, event, candidates, now)
+        else:
+            disposition, tallies = self._act_on_leg(tx, event, step, candidates, now)
+        return disposition, [*expired, *tallies]
+
+    def _expire_overdue(
+        self, tx: StoreTransaction, candidates: list[Leg], now: float
+    ) -> list[Tally]:
+        """Expire the event's legs that outlived calls.max_duration, as a scrape would have.
+
+        Without this an end arriving after a long gap with no scrape (Prometheus down, or
+        just restarted) would close its leg as answered with hours of talk time.
+        """
+        cutoff = now - self._settings.max_duration
+        return [
+            self._close(tx, leg, Outcome.EXPIRED, now)
+            for leg in candidates
+            if leg.is_open and leg.opened_at < cutoff
+        ]
+
+    def _act_on_leg(
+        self, tx: StoreTransaction, event: CallEvent, step: Step, candidates: list[Leg], now: float
+    ) -> tuple[Disposition, list[Tally]]:
         leg = _target(step, candidates)
         if leg is None:
             if candidates:
@@ -184,11 +205,9 @@ class CallTracker:
         """The extension label for a new leg: its abon, or `other` once the account is full."""
         if event.service is Service.TELEPHONY:
             return ""
-        key = (event.account, event.abon)
-        if key in self._admitted:
-            return event.abon
+        # Asked of the store each time, not remembered here: an admission is only real once
+        # its transaction commits, and a rolled-back one must not keep its place in any worker.
         if tx.admit_extension(event.account, event.abon, self._settings.max_extensions):
-            self._admitted.add(key)
             return event.abon
         return OTHER_EXTENSION
 

@@ -443,6 +443,7 @@ class _Reader:
         if not isinstance(raw, list) or not raw:
             self.error(path, "must be a non-empty list of seconds")
             return default
+        raw = [_number(self.expand(bound, f"{path}[{i}]")) for i, bound in enumerate(raw)]
         if not all(_is_number(bound) for bound in raw):
             self.error(path, "every bucket bound must be a number")
             return default
@@ -470,6 +471,16 @@ def _parse_duration(raw: object) -> float | None:
         return None
     hours, minutes, seconds = (int(part or 0) for part in match.groups())
     return float(hours * 3600 + minutes * 60 + seconds)
+
+
+def _number(value: object) -> object:
+    """A bound given as text (from ${VAR}) as its number; anything else as it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _is_number(value: object) -> bool:

@@ -55,11 +55,16 @@ CALLS_ENDED = MetricSpec(
     "mcn_calls_ended", 'Call legs ended, by outcome (missed calls are outcome="missed").'
 )
 RING_SECONDS = MetricSpec(
-    "mcn_call_ring_seconds", "Ring time: from start to answer, miss or cancel, in seconds."
+    "mcn_call_ring_seconds",
+    "Ring time of call legs, from start to answer or to the end of ringing, in seconds.",
 )
-TALK_SECONDS = MetricSpec("mcn_call_talk_seconds", "Talk time of answered calls, in seconds.")
+TALK_SECONDS = MetricSpec(
+    "mcn_call_talk_seconds",
+    "Talk time of answered call legs and completed telephony calls, in seconds.",
+)
 EVENTS_UNMATCHED = MetricSpec(
-    "mcn_call_events_unmatched", "Answer, miss, close or end events that found no open leg."
+    "mcn_call_events_unmatched",
+    "Answer, miss, close or end events whose leg was unknown (its start lost).",
 )
 EXTENSION_OVERFLOW = MetricSpec(
     "mcn_extension_overflow",

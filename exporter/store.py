@@ -12,6 +12,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -35,6 +36,7 @@ from exporter.legs import (
 )
 
 R = TypeVar("R")
+log = logging.getLogger("exporter.store")
 SCHEMA_VERSION = "1"
 BUSY_TIMEOUT_MS = 10_000
 MAX_BATCH = 32  # changes committed together at most
@@ -187,28 +189,36 @@ class _Checkpointer:
         self._due = threading.Event()
         self._commits = 0
         self._thread: threading.Thread | None = None
-        self._pid = 0
         self._stopping = False
 
     def committed(self) -> None:
+        """Called under the store's write lock after each COMMIT."""
         self._commits += 1
-        if self._commits >= CHECKPOINT_COMMITS:
-            self._commits = 0
-            if self._pid != os.getpid():  # threads do not survive a fork: one per process
+        if self._commits < CHECKPOINT_COMMITS or self._stopping:
+            return
+        self._commits = 0
+        if self._thread is None:
+            try:
                 self._start()
-            self._due.set()
+            except RuntimeError as exc:
+                # The commit has happened and must be acknowledged: SQLite's autocheckpoint
+                # covers until a thread can be started.
+                log.warning("cannot start the checkpoint thread: %s", exc)
+                return
+        self._due.set()
 
     def stop(self) -> None:
-        if self._thread is not None and self._pid == os.getpid():
-            self._stopping = True
+        """Called under the store's write lock: no commit can start a thread behind it."""
+        self._stopping = True
+        if self._thread is not None:
             self._due.set()
             self._thread.join()
-        self._thread, self._pid, self._stopping = None, 0, False
+            self._thread = None
 
     def _start(self) -> None:
-        self._pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        thread.start()
+        self._thread = thread
 
     def _run(self) -> None:
         connection: sqlite3.Connection | None = None
@@ -252,7 +262,10 @@ class SqliteCallStore:
         self._waiting = 0
         self._waiting_lock = threading.Lock()
         self._lock_fd = -1
-        self._owner_pid = 0
+        # SQLite connections and locks do not survive a fork: a store serves one process.
+        self._owner_pid = os.getpid()
+        self._closed = False
+        self._inode = 0
         self._checkpoints = _Checkpointer(self._open)
         self._party_key = b""
         self._guard(self._initialise)
@@ -270,11 +283,14 @@ class SqliteCallStore:
         """
         with self._waiting_lock:
             self._waiting += 1
-        self._write_lock.acquire()
-        with self._waiting_lock:
-            self._waiting -= 1
+        try:
+            self._write_lock.acquire()
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
         failure: BaseException | None = None
         try:
+            self._check_usable()
             batch = self._batch or self._open_batch()
             connection = batch.connection
             first = batch.size == 0  # the first change has the whole transaction to itself
@@ -301,6 +317,7 @@ class SqliteCallStore:
             raise StoreUnavailable(str(batch.error)) from batch.error
 
     def snapshot(self) -> StoreSnapshot:
+        self._check_usable()
         return self._guard(self._read_snapshot)
 
     def ensure_rows(self, rows: Iterable[CounterRow | TimingRow]) -> None:
@@ -315,19 +332,35 @@ class SqliteCallStore:
             )
 
     def ping(self) -> None:
+        """Readable, and still the file at `path` (not deleted or replaced under us)."""
+        self._check_usable()
         self._guard(lambda: self._connection().execute("SELECT count(*) FROM meta").fetchone())
+        try:
+            inode = self.path.stat().st_ino
+        except OSError as exc:
+            raise StoreUnavailable(f"{self.path}: {exc.strerror}") from exc
+        if inode != self._inode:
+            raise StoreUnavailable(f"{self.path} was replaced since it was opened")
 
     def close(self) -> None:
-        self._checkpoints.stop()
+        """Commits the changes already made; later calls raise StoreUnavailable."""
         with self._write_lock:
-            if self._lock_fd >= 0 and self._owner_pid == os.getpid():
+            if self._closed:
+                return
+            self._closed = True
+            if self._owner_pid != os.getpid():
+                return  # the parent's connections: closing them here could delete its WAL
+            if self._batch is not None:
+                # Its threads wait for this COMMIT; the next in line will find the store closed.
+                self._end_batch(self._batch, commit=True)
+            self._checkpoints.stop()
+            if self._lock_fd >= 0:
                 os.close(self._lock_fd)
             self._lock_fd, self._writer = -1, None
-        with self._connections_lock:
-            for connection in self._connections:
-                connection.close()
-            self._connections.clear()
-        self._local = threading.local()
+            with self._connections_lock:
+                for connection in self._connections:
+                    connection.close()
+                self._connections.clear()
 
     # -- inside --------------------------------------------------------------------------------
 
@@ -345,6 +378,7 @@ class SqliteCallStore:
                 f"reads version {SCHEMA_VERSION}"
             )
         self._party_key = bytes.fromhex(meta["party_key"])
+        self._inode = self.path.stat().st_ino
 
     def _create_schema(self, connection: sqlite3.Connection) -> dict[str, str]:
         connection.execute("PRAGMA journal_mode=WAL")
@@ -398,12 +432,13 @@ class SqliteCallStore:
             batch.error = exc
             _rollback(batch.connection)
         finally:
-            self._unlock_processes()
-            batch.done.release()
+            try:
+                self._unlock_processes()
+            finally:
+                batch.done.release()
 
     def _lock_processes(self) -> None:
         """The cross-process write lock; the caller holds `_write_lock`."""
-        self._adopt_process()
         if self._lock_fd < 0:
             try:
                 self._lock_fd = os.open(
@@ -416,11 +451,16 @@ class SqliteCallStore:
     def _unlock_processes(self) -> None:
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _adopt_process(self) -> None:
-        """Forget the write lock and connection of the process this object was forked from."""
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise StoreUnavailable(f"{self.path}: the store is closed")
         if self._owner_pid != os.getpid():
-            self._owner_pid = os.getpid()
-            self._lock_fd, self._writer, self._batch = -1, None, None
+            # A forked child sharing the parent's SQLite connections and lock state could have
+            # SQLite delete the WAL it is writing to when the parent closes.
+            raise StoreUnavailable(
+                f"{self.path}: store opened in process {self._owner_pid}, used in "
+                f"{os.getpid()}; open one store per process"
+            )
 
     def _write_connection(self) -> sqlite3.Connection:
         """The one connection this process writes through; its threads take turns on it.

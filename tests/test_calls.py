@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from exporter.calls import CallTracker, Disposition, TrackerSettings
 from exporter.events import EVENT_KINDS, CallEvent, Service
 from exporter.legs import OTHER_EXTENSION, TallyKind, TallyLayout
-from exporter.store import SqliteCallStore
+from exporter.store import SqliteCallStore, StoreUnavailable, _SqliteTransaction
 from tests.conftest import ACCOUNT, Exporter, FakeClock, call_totals
 
 LAYOUT = TallyLayout(ring_buckets=(5.0, 20.0), talk_buckets=(60.0,))
@@ -166,6 +167,26 @@ def test_an_extension_admitted_by_another_worker_keeps_its_own_series(
     assert {labels[3]: n for labels, n in started.items()} == {"201": 2, "202": 1, "other": 1}
 
 
+def test_an_admission_rolled_back_gives_its_place_to_the_next_extension(
+    store: SqliteCallStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = CallTracker(store, TrackerSettings(max_extensions=1), clock)
+    second = CallTracker(store, TrackerSettings(max_extensions=1), clock)
+
+    def fail(*_: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_SqliteTransaction, "record", fail)
+        with pytest.raises(StoreUnavailable):
+            first.on_event(event("onInCallingStart", abon="101", call_id="a"))
+    second.on_event(event("onInCallingStart", abon="102", call_id="b"))
+    first.on_event(event("onInCallingStart", abon="101", call_id="c"))
+
+    started = store.snapshot().counters[TallyKind.STARTED]
+    assert {labels[3]: n for labels, n in started.items()} == {"102": 1, OTHER_EXTENSION: 1}
+
+
 def test_configured_extensions_keep_their_places_in_the_limit(
     make_exporter: Callable[..., Exporter],
 ) -> None:
@@ -225,6 +246,20 @@ def test_end_of_a_call_that_outlived_max_duration_changes_nothing_more(
         Disposition.DUPLICATE
     )
     assert ended(store) == {(str(ACCOUNT), "vpbx", "inbound", "108", "expired"): 1}
+
+
+@pytest.mark.parametrize("call_id", ["long", None])
+def test_end_after_max_duration_expires_its_leg_even_with_no_scrape_between(
+    tracker: CallTracker, store: SqliteCallStore, clock: FakeClock, call_id: str | None
+) -> None:
+    tracker.on_event(event("onInCallingStart", did="+1", call_id=call_id))
+    clock.advance(4 * 3600 + 1)
+    assert tracker.on_event(event("onInCallingEnd", did="+1", call_id=call_id, billsec=14401)) is (
+        Disposition.DUPLICATE
+    )
+    assert ended(store) == {(str(ACCOUNT), "vpbx", "inbound", "108", "expired"): 1}
+    assert not store.snapshot().timings.get(TallyKind.TALK)
+    assert tracker.expire_stale() == 0
 
 
 def test_events_are_dated_by_the_clock_inside_the_transaction(

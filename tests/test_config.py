@@ -72,6 +72,22 @@ def test_environment_references(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.server.bind == "127.0.0.1:1"
 
 
+def test_bucket_bounds_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCN_TEST_BOUND", "45")
+    document = {**MINIMAL, "metrics": {"ring_buckets": [5, "${MCN_TEST_BOUND}", 90]}}
+    assert parse_config(document).metrics.ring_buckets == (5.0, 45.0, 90.0)
+
+
+def test_unset_variable_in_a_bucket_bound_is_named_by_its_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MCN_TEST_UNSET", raising=False)
+    document = {**MINIMAL, "metrics": {"ring_buckets": [5, "${MCN_TEST_UNSET}"]}}
+    assert "metrics.ring_buckets[1]: environment variable MCN_TEST_UNSET is not set" in (
+        errors_of(document)
+    )
+
+
 def test_unset_environment_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MCN_TEST_UNSET", raising=False)
     assert errors_of({"accounts": [{"id": 1, "secret": "${MCN_TEST_UNSET}"}]}) == [

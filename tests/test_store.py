@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from contextlib import suppress
@@ -169,4 +170,66 @@ def test_a_failing_change_in_a_shared_commit_takes_only_itself_back(
     assert stored == set(taken)
     assert len(taken) == 8 * (200 - 29)
     assert sum(store.snapshot().active.values()) == len(taken)
+    store.close()
+
+
+def test_closing_commits_the_open_batch_and_refuses_later_changes(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    labels = LegLabels(ACCOUNT, Service.VPBX, Direction.INBOUND, "108")
+    taken: list[str] = []
+    refused = threading.Event()
+
+    def worker(thread: int) -> None:
+        for n in range(10_000):
+            try:
+                with store.transaction() as tx:
+                    tx.insert_leg(Leg(labels, "108", f"t{thread}-{n}", clock.now, None), did=None)
+            except StoreUnavailable:
+                refused.set()
+                return
+            taken.append(f"t{thread}-{n}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    while len(taken) < 200:
+        threading.Event().wait(0.001)
+    store.close()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in threads)
+
+    assert refused.is_set()
+    with sqlite3.connect(tmp_path / "calls.sqlite3") as connection:
+        stored = {row[0] for row in connection.execute("SELECT call_id FROM legs")}
+    assert stored == set(taken)
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.snapshot()
+
+
+def test_ping_fails_once_the_file_is_deleted(tmp_path: Path) -> None:
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    store.ping()
+    for path in tmp_path.glob("calls.sqlite3*"):
+        path.unlink()
+    with pytest.raises(StoreUnavailable):
+        store.ping()
+    store.close()
+
+
+def test_a_forked_child_cannot_write_through_its_parents_store(tmp_path: Path) -> None:
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the store refuses it
+        try:
+            with store.transaction():
+                pass
+        except StoreUnavailable:
+            os._exit(0)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.ping()
     store.close()
