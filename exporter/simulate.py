@@ -73,6 +73,9 @@ class TrafficPlan:
         self._by_extension = config.metrics.histogram_extension_label
         self._serial = options.seed * 1_000_000
         self.truth = GroundTruth()
+        # Talk time is exact only where the end carries billsec; a label set with any call
+        # timed by the clock has no exact _sum to expect.
+        self._clock_timed_talk: set[Labels] = set()
         self.calls: list[PlannedCall] = []
         self._prepare_zero_series()
 
@@ -91,6 +94,9 @@ class TrafficPlan:
             account = self._random.choice(sorted(self._config.accounts))
             builder = self._random.choices([b for _, b in scenarios], weights)[0]
             self.calls.append(builder(account))
+        talk_sums = self.truth.samples["mcn_call_talk_seconds_sum"]
+        for labels in self._clock_timed_talk:
+            del talk_sums[labels]
         return self.calls
 
     # -- scenarios -----------------------------------------------------------------------------
@@ -109,7 +115,9 @@ class TrafficPlan:
         billsec = None if variant == "no_billsec" else self._random.randint(1, 900)
         call.talk()
         call.send("onInCallingEnd", ext, billsec=billsec)
-        return self._ended(call, account, "vpbx", "inbound", ext, "answered", ring=True, talk=True)
+        return self._ended(
+            call, account, "vpbx", "inbound", ext, "answered", ring=True, talk=True, billsec=billsec
+        )
 
     def _outbound(self, account: int) -> PlannedCall:
         ext = self._extension(account)
@@ -124,9 +132,18 @@ class TrafficPlan:
         else:
             call.send("onOutCallingAnswered", ext)
             call.talk()
-            call.send("onOutCallingEnd", ext, billsec=self._random.randint(1, 600))
+            billsec = self._random.randint(1, 600)
+            call.send("onOutCallingEnd", ext, billsec=billsec)
             return self._ended(
-                call, account, "vpbx", "outbound", ext, "answered", ring=True, talk=True
+                call,
+                account,
+                "vpbx",
+                "outbound",
+                ext,
+                "answered",
+                ring=True,
+                talk=True,
+                billsec=billsec,
             )
         return self._ended(call, account, "vpbx", "outbound", ext, "unanswered", ring=True)
 
@@ -137,7 +154,9 @@ class TrafficPlan:
         call.talk()
         billsec = self._random.choice((None, self._random.randint(1, 300)))
         call.send("InboundCallEnd", None, billsec=billsec)
-        return self._ended(call, account, "telephony", "inbound", "", "completed", talk=True)
+        return self._ended(
+            call, account, "telephony", "inbound", "", "completed", talk=True, billsec=billsec
+        )
 
     def _ring_group(self, account: int) -> PlannedCall:
         pool = self._extensions(account)
@@ -157,9 +176,18 @@ class TrafficPlan:
             call.send("onCloseIncomingNotice", ext, pause=False)
             self._ended(call, account, "vpbx", "inbound", ext, "cancelled", ring=True)
         call.talk()
-        call.send("onInCallingEnd", taker, billsec=self._random.randint(1, 900))
+        billsec = self._random.randint(1, 900)
+        call.send("onInCallingEnd", taker, billsec=billsec)
         return self._ended(
-            call, account, "vpbx", "inbound", taker, "answered", ring=True, talk=True
+            call,
+            account,
+            "vpbx",
+            "inbound",
+            taker,
+            "answered",
+            ring=True,
+            talk=True,
+            billsec=billsec,
         )
 
     def _retried_delivery(self, account: int) -> PlannedCall:
@@ -173,7 +201,9 @@ class TrafficPlan:
         billsec = self._random.randint(1, 900)
         call.send("onInCallingEnd", ext, billsec=billsec)
         call.send("onInCallingEnd", ext, billsec=billsec, pause=False)
-        return self._ended(call, account, "vpbx", "inbound", ext, "answered", ring=True, talk=True)
+        return self._ended(
+            call, account, "vpbx", "inbound", ext, "answered", ring=True, talk=True, billsec=billsec
+        )
 
     def _lost_start(self, account: int) -> PlannedCall:
         """Only the missed event arrives: unmatched, and still a missed call."""
@@ -225,7 +255,9 @@ class TrafficPlan:
         outcome: str,
         ring: bool = False,
         talk: bool = False,
+        billsec: int | None = None,
     ) -> PlannedCall:
+        """Record a leg's end; a talk time without billsec is timed by the exporter's clock."""
         labels = {"account": str(account), "service": service, "direction": direction}
         self.truth.add("mcn_calls_ended_total", {**labels, "extension": ext, "outcome": outcome})
         timing = {**labels, "extension": ext} if self._by_extension else labels
@@ -233,6 +265,9 @@ class TrafficPlan:
             self.truth.add("mcn_call_ring_seconds_count", {**timing, "outcome": outcome})
         if talk:
             self.truth.add("mcn_call_talk_seconds_count", timing)
+            self.truth.add("mcn_call_talk_seconds_sum", timing, billsec or 0)
+            if billsec is None:
+                self._clock_timed_talk.add(tuple(sorted(timing.items())))
         return call.planned
 
     def _prepare_zero_series(self) -> None:
@@ -241,6 +276,7 @@ class TrafficPlan:
             "mcn_calls_ended_total",
             "mcn_call_ring_seconds_count",
             "mcn_call_talk_seconds_count",
+            "mcn_call_talk_seconds_sum",
             "mcn_webhook_events_total",
             "mcn_call_events_unmatched_total",
             "mcn_active_calls",

@@ -158,7 +158,10 @@ def webhook(name: str) -> bytes:
 
 
 def all_webhooks() -> list[Path]:
-    return sorted(WEBHOOKS.glob("*/*.json"))
+    """The provider's samples (copied from its documentation and from real traffic)."""
+    paths = sorted(WEBHOOKS.glob("*/*.json"))
+    assert len(paths) == 13, f"expected the 13 sample webhooks in {WEBHOOKS}, found {len(paths)}"
+    return paths
 
 
 # -- a real server ---------------------------------------------------------------------------

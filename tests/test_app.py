@@ -28,6 +28,11 @@ def assert_only_rejection_changed(before: Samples, after: Samples, reason: str) 
     assert after == before
 
 
+def _with_literal(field: str, literal: str) -> bytes:
+    """GOOD with one field set to a JSON number literal Python's json reads as a float."""
+    return json.dumps({**GOOD, field: "@"}).replace('"@"', literal).encode()
+
+
 BAD_BODIES: list[tuple[str, bytes, int, str, str | None]] = [
     # (name, body, status, reason, field named in the answer)
     ("not json", b"event_type=onInCallingStart", 400, "malformed", None),
@@ -133,6 +138,21 @@ BAD_BODIES: list[tuple[str, bytes, int, str, str | None]] = [
     ("billsec a float", json.dumps({**GOOD, "billsec": 1.5}).encode(), 422, "invalid", "billsec"),
     ("billsec huge", json.dumps({**GOOD, "billsec": 10**12}).encode(), 422, "invalid", "billsec"),
     ("billsec text", json.dumps({**GOOD, "billsec": "long"}).encode(), 422, "invalid", "billsec"),
+    *(
+        (f"{field} {literal}", _with_literal(field, literal), 422, "invalid", field)
+        for field in ("billsec", "abon")
+        for literal in ("NaN", "Infinity", "-Infinity", "1e400")
+    ),
+    *(
+        (
+            f"account_id {literal}",
+            _with_literal("account_id", literal),
+            422,
+            "invalid",
+            "account_id",
+        )
+        for literal in ("NaN", "Infinity", "1e400")
+    ),
 ]
 
 
@@ -148,6 +168,7 @@ def test_bad_input_is_refused_with_a_named_error_and_only_the_rejection_counter_
 ) -> None:
     exporter.event("onInCallingStart", abon="101", did="+421900000001")
     before = exporter.samples()
+    exporter.clock.advance(10)  # a refusal that dated the feed would show now
 
     result = exporter.post(body, content_type="application/json")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from exporter import __version__
+from exporter.config import DEFAULT_RING_BUCKETS, DEFAULT_TALK_BUCKETS
 from exporter.legs import TallyKind, TallyLayout
 from exporter.metrics import WorkerFilesCollector, initial_rows
 from exporter.store import SqliteCallStore
@@ -70,6 +71,28 @@ def test_ring_time_lands_in_its_bucket_and_the_20s_service_level_is_a_lookup(
         for le in ("5.0", "10.0", "20.0", "+Inf")
     }
     assert buckets == {"5.0": 0, "10.0": 1, "20.0": 1, "+Inf": 1}
+
+
+def test_observations_on_a_bucket_bound_count_in_that_bucket(exporter: Exporter) -> None:
+    """`le` means at most: a ring of exactly 20 s is answered within 20 s."""
+    rings, talks = [5, 20, 60, 61], [5, 30, 3600, 3601]
+    for n, (ring, talk) in enumerate(zip(rings, talks, strict=True)):
+        exporter.event("onInCallingStart", abon="1", call_id=f"c{n}")
+        exporter.clock.advance(ring)
+        exporter.event("onInCallingAnswered", abon="1", call_id=f"c{n}")
+        exporter.event("onInCallingEnd", abon="1", call_id=f"c{n}", billsec=talk)
+
+    leg = {"account": str(ACCOUNT), "service": "vpbx", "direction": "inbound"}
+    for metric, labels, observed, bounds in (
+        ("mcn_call_ring_seconds", {**leg, "outcome": "answered"}, rings, DEFAULT_RING_BUCKETS),
+        ("mcn_call_talk_seconds", leg, talks, DEFAULT_TALK_BUCKETS),
+    ):
+        for bound in (*bounds, math.inf):
+            le = "+Inf" if bound == math.inf else str(bound)
+            expected = sum(1 for seconds in observed if seconds <= bound)
+            assert value(exporter, f"{metric}_bucket", **labels, le=le) == expected, (metric, le)
+        assert value(exporter, f"{metric}_sum", **labels) == sum(observed)
+        assert value(exporter, f"{metric}_count", **labels) == len(observed)
 
 
 def test_histograms_are_rebinned_when_the_buckets_change(tmp_path: Path) -> None:
