@@ -275,8 +275,8 @@ def _zero_timings(
     layout: TallyLayout, leg: tuple[str, ...], outcomes: tuple[Outcome, ...]
 ) -> Iterator[TimingRow]:
     extension = leg[3:] if layout.timings_by_extension else ()
-    for outcome in outcomes:
-        if outcome is not Outcome.COMPLETED:
+    if leg[1] == Service.VPBX.value:  # telephony reports no answer: no ring time to observe
+        for outcome in outcomes:
             yield TimingRow(TallyKind.RING, (*leg[:3], outcome.value, *extension), math.inf, 0)
     yield TimingRow(TallyKind.TALK, (*leg[:3], *extension), math.inf, 0)
 

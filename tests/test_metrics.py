@@ -39,6 +39,10 @@ def test_series_of_configured_accounts_and_extensions_start_at_zero(
     assert value(exporter, "mcn_active_calls", **leg) == 0
     ring = {"account": str(ACCOUNT), "service": "vpbx", "direction": "inbound"}
     assert value(exporter, "mcn_call_ring_seconds_count", **ring, outcome="missed") == 0
+    telephony = {"account": str(ACCOUNT), "service": "telephony", "direction": "inbound"}
+    assert value(exporter, "mcn_call_talk_seconds_count", **telephony) == 0
+    # Telephony reports no answer, so it never has a ring time: no series that stays at 0.
+    assert value(exporter, "mcn_call_ring_seconds_count", **telephony, outcome="expired") is None
     assert value(exporter, "mcn_call_ring_seconds_bucket", **ring, outcome="missed", le="20.0") == 0
     assert value(exporter, "mcn_extension_overflow_total", account=str(ACCOUNT)) == 0
     assert value(exporter, "mcn_call_events_unmatched_total", event_type="onInCallingEnd") == 0
