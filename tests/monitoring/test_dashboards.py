@@ -40,6 +40,11 @@ REQUIRED_VARIABLES = {
     "mcn-exporter-health": {"datasource", "account", "extension"},
 }
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# Series Prometheus itself writes for every target it scrapes, whatever the job: up,
+# scrape_duration_seconds, scrape_samples_scraped... A dashboard confines them to the exporter.
+TARGET_SERIES = re.compile(r"\b(up|scrape_[a-z_]+)\b(\{[^}]*\})?")
+# Grafana's value for "All" where a variable has no allValue: its discovered values, as a regex.
+ALL_DISCOVERED = "(value-1|value-2)"
 # Grafana's unit ids used here (a typo shows as a raw number in Grafana, so catch it).
 UNITS = {"short", "none", "percentunit", "s", "cpm", "cps", "reqps", "ops"}
 PANEL_TYPES = {"stat", "timeseries", "table", "bargauge"}
@@ -76,7 +81,31 @@ def test_datasource_is_a_variable(path: Path) -> None:
         if var["type"] == "query":
             assert var["datasource"] == DATASOURCE, var["name"]
             assert var["includeAll"], var["name"]
-            assert var["allValue"] == ".*", var["name"]
+            # ".*" for the exporter's own labels; none (All = the values found) for job and
+            # instance, which also select Prometheus's series of every other target.
+            assert var.get("allValue") == (None if var["name"] in ("job", "instance") else ".*")
+
+
+def _matches_anything(var: dict[str, Any]) -> bool:
+    """Whether the variable's "All" is a catch-all regex rather than the values it found."""
+    all_value = var.get("allValue")
+    return isinstance(all_value, str) and re.fullmatch(all_value, "node-exporter") is not None
+
+
+@dashboards
+def test_series_of_every_target_are_confined_to_the_exporter(path: Path) -> None:
+    """up{job=~"$job"} on "All" must mean the exporter's targets, not every target scraped."""
+    dashboard = load_dashboard(path)
+    defined = variables(dashboard)
+    for panel in iter_panels(dashboard["panels"]):
+        for target in panel["targets"]:
+            for name, matchers in TARGET_SERIES.findall(target["expr"]):
+                where = f"{panel['title']}: {name}{matchers}"
+                assert re.search(r'\bjob=~?"', matchers), f"{where} has no job matcher"
+                for variable in referenced_variables(matchers):
+                    assert not _matches_anything(defined[variable]), (
+                        f"{where}: ${variable} on All matches every target"
+                    )
 
 
 @dashboards
@@ -161,7 +190,7 @@ def _variable_values(dashboard: dict[str, Any]) -> dict[str, str]:
         if var["type"] == "custom":
             values[name] = var["current"]["value"]
         elif var["type"] == "query":
-            values[name] = var["allValue"]
+            values[name] = var.get("allValue") or ALL_DISCOVERED
     return values
 
 

@@ -206,6 +206,7 @@ def test_example_prometheus_config_is_valid_and_loads_every_rule_file() -> None:
     [
         (["alertname=MCNMissedCallSpike", "severity=critical", "account=1"], "mcn-oncall"),
         (["alertname=MCNExporterDown", "severity=critical"], "mcn-oncall"),
+        (["alertname=MCNWebhookFeedSilent", "severity=critical", "account=1"], "mcn-oncall"),
         (["alertname=MCNHighMissedRatio", "severity=warning", "account=1"], "mcn-team"),
         (["alertname=MCNWebhookUnauthorized", "severity=warning"], "mcn-team"),
     ],
@@ -230,6 +231,19 @@ def test_every_severity_has_a_route_and_every_inhibited_alert_exists() -> None:
             match = re.fullmatch(r'alertname=~?"([^"]+)"', matcher)
             assert match, matcher
             assert set(match[1].split("|")) <= names, matcher
+
+
+def test_a_silent_feed_pages_once_for_all_accounts() -> None:
+    """A network fault silences every account at once: their MCNWebhookFeedSilent share a group."""
+    config = load_yaml(PROMETHEUS_DIR / "alertmanager.yml")
+    (critical,) = [r for r in config["route"]["routes"] if r["matchers"] == ['severity="critical"']]
+    (feed,) = [
+        route
+        for route in critical["routes"]
+        if route["matchers"] == ['alertname="MCNWebhookFeedSilent"']
+    ]
+    assert feed["group_by"] == ["alertname"]
+    assert "receiver" not in feed, "pages go where the other critical alerts go"
 
 
 def test_docs_describe_every_alert_and_threshold() -> None:
