@@ -33,6 +33,7 @@ class Disposition(StrEnum):
     OPENED = "opened"
     ANSWERED = "answered"
     CLOSED = "closed"
+    STARTED_LATE = "started_late"  # the start of a leg whose answer or end came first
     DUPLICATE = "duplicate"  # a copy of an event already taken, or one for a leg already closed
     UNMATCHED = "unmatched"  # no leg for it: counted, and its outcome still counted
     IGNORED = "ignored"  # an event type we do not know
@@ -137,6 +138,12 @@ class CallTracker:
     def _start(
         self, tx: StoreTransaction, event: CallEvent, candidates: list[Leg], now: float
     ) -> tuple[Disposition, list[Tally]]:
+        late = self._leg_started_late(candidates, now)
+        if late is not None:
+            # Counted as started, so that started and ended legs add up; it opens nothing.
+            late.started_at = now
+            tx.save_leg(late)
+            return Disposition.STARTED_LATE, [LegStarted(late.labels), *_overflow(late.labels)]
         if self._start_is_known(event, candidates, now):
             return Disposition.DUPLICATE, []
         leg = self._new_leg(tx, event, now)
@@ -144,8 +151,16 @@ class CallTracker:
         tx.insert_leg(leg, event.did)
         return Disposition.OPENED, [LegStarted(leg.labels), *_overflow(leg.labels)]
 
+    def _leg_started_late(self, candidates: list[Leg], now: float) -> Leg | None:
+        """A recent leg opened by its answer or end, whose start was delayed, not lost."""
+        window_start = now - self._settings.duplicate_window
+        return next(
+            (leg for leg in candidates if leg.started_at is None and leg.opened_at >= window_start),
+            None,
+        )
+
     def _start_is_known(self, event: CallEvent, candidates: list[Leg], now: float) -> bool:
-        """A copy of a start already taken, or a start arriving after its leg's later events.
+        """A copy of a start already taken.
 
         Without a call_id this needs the caller's number: two calls of withheld numbers at one
         extension are two calls, however close together.
@@ -156,7 +171,7 @@ class CallTracker:
             return False
         window_start = now - self._settings.duplicate_window
         return any(
-            leg.started_at is None or (leg.is_open and leg.opened_at >= window_start)
+            leg.opened_at >= window_start and (leg.is_open or leg.started_late)
             for leg in candidates
         )
 
@@ -242,6 +257,8 @@ def _ring_seconds(leg: Leg, outcome: Outcome, now: float, billsec: int | None) -
     """Start to answer, miss or cancel. Without an answer event, billsec dates the answer."""
     if leg.started_at is None or outcome is Outcome.COMPLETED:
         return None
+    if leg.started_late:
+        return None  # the start came after the answer: when the ringing began is unknown
     if outcome in (Outcome.ANSWERED, Outcome.EXPIRED):
         answered_at = leg.answered_at
         if answered_at is None and billsec is not None and outcome is Outcome.ANSWERED:

@@ -52,6 +52,11 @@ class Leg:
     def is_open(self) -> bool:
         return self.closed_at is None
 
+    @property
+    def started_late(self) -> bool:
+        """Its start came after its answer or end (which opened it)."""
+        return self.started_at is not None and self.started_at > self.opened_at
+
 
 class TallyKind(StrEnum):
     """The call totals kept beside the legs; metrics.py names each one."""

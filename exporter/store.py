@@ -78,7 +78,7 @@ class StoreTransaction(Protocol):
     def insert_leg(self, leg: Leg, did: str | None) -> None: ...
 
     def save_leg(self, leg: Leg) -> None:
-        """Write back a leg's answer time, close time and outcome."""
+        """Write back a leg's start, answer and close times and its outcome."""
 
     def open_legs_before(self, opened_before: float) -> list[Leg]: ...
 
@@ -611,12 +611,18 @@ class _SqliteTransaction:
             self._count_active(labels, +1)
 
     def save_leg(self, leg: Leg) -> None:
+        outcome = leg.outcome.value if leg.outcome else None
         cursor = self.connection.execute(
-            "UPDATE legs SET answered_at = ?, closed_at = ?, outcome = ?"
+            "UPDATE legs SET started_at = ?, answered_at = ?, closed_at = ?, outcome = ?"
             " WHERE id = ? AND closed_at IS NULL",
-            (leg.answered_at, leg.closed_at, leg.outcome.value if leg.outcome else None, leg.id),
+            (leg.started_at, leg.answered_at, leg.closed_at, outcome, leg.id),
         )
-        if cursor.rowcount and not leg.is_open:
+        if not cursor.rowcount:
+            # Closed already: a late start is all that is left to record.
+            self.connection.execute(
+                "UPDATE legs SET started_at = ? WHERE id = ?", (leg.started_at, leg.id)
+            )
+        elif not leg.is_open:
             self._count_active(leg.labels, -1)
 
     def open_legs_before(self, opened_before: float) -> list[Leg]:

@@ -226,13 +226,51 @@ def test_concurrent_calls_from_withheld_numbers_are_separate_calls(
     }
 
 
-def test_start_arriving_after_its_end_opens_no_phantom_leg(
+def started(store: SqliteCallStore) -> float:
+    return sum(store.snapshot().counters.get(TallyKind.STARTED, {}).values())
+
+
+def test_start_arriving_after_its_end_is_counted_once_and_opens_no_phantom_leg(
     tracker: CallTracker, store: SqliteCallStore, clock: FakeClock
 ) -> None:
     assert tracker.on_event(event("onInCallingEnd", did="+1", billsec=4)) is Disposition.UNMATCHED
     clock.advance(1)
+    assert tracker.on_event(event("onInCallingStart", did="+1")) is Disposition.STARTED_LATE
     assert tracker.on_event(event("onInCallingStart", did="+1")) is Disposition.DUPLICATE
     assert sum(store.snapshot().active.values()) == 0
+    assert started(store) == 1
+
+
+@pytest.mark.parametrize("call_id", ["late", None])
+def test_start_arriving_after_its_answer_counts_as_started_without_a_ring_time(
+    tracker: CallTracker, store: SqliteCallStore, clock: FakeClock, call_id: str | None
+) -> None:
+    tracker.on_event(event("onInCallingAnswered", did="+1", call_id=call_id))
+    clock.advance(0.5)
+    assert tracker.on_event(event("onInCallingStart", did="+1", call_id=call_id)) is (
+        Disposition.STARTED_LATE
+    )
+    clock.advance(30)
+    assert tracker.on_event(event("onInCallingEnd", did="+1", call_id=call_id)) is (
+        Disposition.CLOSED
+    )
+
+    assert started(store) == 1
+    assert ended(store) == {(str(ACCOUNT), "vpbx", "inbound", "108", "answered"): 1}
+    assert not store.snapshot().timings.get(TallyKind.RING)
+    (talk,) = store.snapshot().timings[TallyKind.TALK]
+    assert talk.total == 30.5
+
+
+def test_an_old_leg_that_never_started_does_not_swallow_a_new_call(
+    tracker: CallTracker, store: SqliteCallStore, clock: FakeClock
+) -> None:
+    tracker.on_event(event("onInCallingAnswered", did="+1"))  # its start and end never come
+    clock.advance(4 * 3600 + 1)
+    assert tracker.expire_stale() == 1
+    clock.advance(600)
+    assert tracker.on_event(event("onInCallingStart", did="+1")) is Disposition.OPENED
+    assert sum(store.snapshot().active.values()) == 1
 
 
 def test_end_of_a_call_that_outlived_max_duration_changes_nothing_more(
