@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -23,6 +24,18 @@ CALLER = "+421905123456"
 def start(call_id: str | None, abon: str = "108", did: str | None = CALLER) -> CallEvent:
     kind = EVENT_KINDS["onInCallingStart"]
     return CallEvent("onInCallingStart", kind, ACCOUNT, Service.VPBX, abon, did, call_id)
+
+
+def start_threads(target: Callable[[int], None], count: int = 8) -> list[threading.Thread]:
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def stored_call_ids(path: Path) -> set[str]:
+    with sqlite3.connect(path) as connection:
+        return {row[0] for row in connection.execute("SELECT call_id FROM legs")}
 
 
 def test_uses_write_ahead_logging(tmp_path: Path) -> None:
@@ -84,10 +97,7 @@ def test_concurrent_writers_from_many_threads_and_two_stores_lose_nothing(
         for n in range(100):
             tracker.on_event(start(f"w{worker}-{n}", abon=str(worker)))
 
-    threads = [threading.Thread(target=open_legs, args=(w,)) for w in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
+    for thread in start_threads(open_legs):
         thread.join()
 
     snapshot = stores[0].snapshot()
@@ -159,15 +169,10 @@ def test_a_failing_change_in_a_shared_commit_takes_only_itself_back(
             with suppress(RuntimeError):
                 change(name, fail=n % 7 == 3)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
+    for thread in start_threads(worker):
         thread.join()
 
-    with sqlite3.connect(tmp_path / "calls.sqlite3") as connection:
-        stored = {row[0] for row in connection.execute("SELECT call_id FROM legs")}
-    assert stored == set(taken)
+    assert stored_call_ids(tmp_path / "calls.sqlite3") == set(taken)
     assert len(taken) == 8 * (200 - 29)
     assert sum(store.snapshot().active.values()) == len(taken)
     store.close()
@@ -191,9 +196,7 @@ def test_closing_commits_the_open_batch_and_refuses_later_changes(
                 return
             taken.append(f"t{thread}-{n}")
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
+    threads = start_threads(worker)
     while len(taken) < 200:
         threading.Event().wait(0.001)
     store.close()
@@ -202,9 +205,7 @@ def test_closing_commits_the_open_batch_and_refuses_later_changes(
     assert not any(thread.is_alive() for thread in threads)
 
     assert refused.is_set()
-    with sqlite3.connect(tmp_path / "calls.sqlite3") as connection:
-        stored = {row[0] for row in connection.execute("SELECT call_id FROM legs")}
-    assert stored == set(taken)
+    assert stored_call_ids(tmp_path / "calls.sqlite3") == set(taken)
     with pytest.raises(StoreUnavailable, match="closed"):
         store.snapshot()
 
