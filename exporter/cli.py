@@ -1,4 +1,4 @@
-"""The `mcn-exporter` command (SPEC §6): serve, check-config, simulate."""
+"""The `mcn-exporter` command: serve, check-config, simulate."""
 
 from __future__ import annotations
 
@@ -6,10 +6,16 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from exporter import __version__
-from exporter.config import Config, ConfigError, find_config_path, load_config
+from exporter.config import (
+    EXAMPLE_SECRET,
+    Config,
+    ConfigError,
+    example_secret_accounts,
+    load_config,
+    locate_config,
+)
 
 EXIT_CONFIG_ERROR = 2
 
@@ -72,10 +78,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    path = find_config_path(args.path)
     config = _load(args.path)
     if config is None:
         return EXIT_CONFIG_ERROR
+    path = locate_config(args.path)
+    for index, account in enumerate(config.accounts.values()):
+        if account.id in example_secret_accounts(config):
+            print(
+                f"{path}: warning: accounts[{index}].secret: account {account.id} uses "
+                f'"{EXAMPLE_SECRET}", the example secret of the provider\'s documentation: '
+                "set your own in the portal and here",
+                file=sys.stderr,
+            )
     extensions = sum(len(numbers) for numbers in config.extensions.values())
     print(
         f"{path}: OK ({len(config.accounts)} account(s), {extensions} extension(s), "
@@ -106,12 +120,12 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _load(explicit: str | None) -> Config | None:
-    path = find_config_path(explicit)
+    """The config, or None once every error has been printed (each names the file)."""
     try:
-        return load_config(Path(path))
+        return load_config(locate_config(explicit))
     except ConfigError as exc:
         for error in exc.errors:
-            print(f"config error: {error}", file=sys.stderr)
+            print(error, file=sys.stderr)
         return None
 
 

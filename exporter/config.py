@@ -24,6 +24,8 @@ LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The provider's documentation uses this secret in every example: anyone can post with it.
+EXAMPLE_SECRET = "SecretToken"
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,24 @@ def find_config_path(explicit: str | None) -> Path:
     return Path(explicit or os.environ.get(CONFIG_ENV_VAR) or "config.yaml")
 
 
+def locate_config(explicit: str | None) -> Path:
+    """As find_config_path, but when nothing names a file and ./config.yaml does not exist,
+    an error that says where it looked and how to point at one."""
+    path = find_config_path(explicit)
+    if explicit or os.environ.get(CONFIG_ENV_VAR) or path.exists():
+        return path
+    raise ConfigError(
+        [
+            f"no config file: none given, ${CONFIG_ENV_VAR} is not set and there is no "
+            f"config.yaml in {Path.cwd()}",
+            f"point at one with --config PATH or {CONFIG_ENV_VAR}=PATH "
+            "(config.example.yaml shows every key)",
+        ]
+    )
+
+
 def load_config(path: Path | str) -> Config:
+    """The file parsed and checked; every error is prefixed with the file's name."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -120,8 +139,25 @@ def load_config(path: Path | str) -> Config:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
-    return parse_config(document, base_dir=path.parent)
+        raise ConfigError([_yaml_error(path, exc)]) from exc
+    try:
+        return parse_config(document, base_dir=path.parent)
+    except ConfigError as exc:
+        raise ConfigError([f"{path}: {error}" for error in exc.errors]) from None
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """`file:line:column: problem`, as editors and compilers print it."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return f"{path}: not valid YAML: {exc}"
+    mark = exc.problem_mark
+    context = f" ({exc.context})" if exc.context else ""
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {exc.problem}{context}"
+
+
+def example_secret_accounts(config: Config) -> list[int]:
+    """The accounts whose secret is still the provider's documentation example."""
+    return [account.id for account in config.accounts.values() if account.secret == EXAMPLE_SECRET]
 
 
 def parse_config(document: object, base_dir: Path = Path()) -> Config:
@@ -183,7 +219,7 @@ class _Reader:
         if not path.startswith("/") or path in RESERVED_PATHS:
             self.error(
                 "server.webhook_path",
-                f"must start with / and not be one of {sorted(RESERVED_PATHS)}",
+                f"must start with / and not be one of {sorted(RESERVED_PATHS)}, not {path!r}",
             )
         return ServerConfig(
             bind=bind,
@@ -237,29 +273,34 @@ class _Reader:
             self.error(f"{path}.secret", "give either secret or secret_file, not both")
             return None
         if has_file:
-            file_name = self.value(section, f"{path}.secret_file", str, "")
-            file_path = self.base_dir / file_name
-            try:
-                secret = file_path.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                self.error(f"{path}.secret_file", f"cannot read {file_name}: {exc.strerror}")
-                return None
-            except UnicodeDecodeError:
-                self.error(f"{path}.secret_file", f"{file_name} is not UTF-8 text")
-                return None
-            if not secret:
-                self.error(f"{path}.secret_file", f"{file_name} is empty")
-                return None
-            return secret
+            return self.secret_from_file(section.get("secret_file"), f"{path}.secret_file")
         if not has_secret:
             self.error(f"{path}.secret", "required (or secret_file)")
             return None
-        errors_before = len(self.errors)
-        secret = self.value(section, f"{path}.secret", str, "")
-        if len(self.errors) > errors_before:
+        secret = self.text(section.get("secret"), f"{path}.secret", 'secret: "0123"')
+        if secret is None:
             return None
         if not secret.strip():
             self.error(f"{path}.secret", "must not be empty")
+            return None
+        return secret
+
+    def secret_from_file(self, raw: object, path: str) -> str | None:
+        file_name = self.text(raw, path, 'secret_file: "/run/secrets/mcn"')
+        if file_name is None:
+            return None
+        try:
+            content = (self.base_dir / file_name).read_text(encoding="utf-8")
+        except OSError as exc:
+            self.error(path, f"cannot read {file_name}: {exc.strerror}")
+            return None
+        except UnicodeDecodeError:
+            self.error(path, f"{file_name} is not UTF-8 text")
+            return None
+        # Only the line end an editor or `echo` adds: any other character is part of the secret.
+        secret = content.removesuffix("\n").removesuffix("\r")
+        if not secret.strip():
+            self.error(path, f"{file_name} is empty")
             return None
         return secret
 
@@ -358,7 +399,7 @@ class _Reader:
         section = self.section(doc, "logging", {"level", "json"})
         level = self.value(section, "logging.level", str, "info").lower()
         if level not in LOG_LEVELS:
-            self.error("logging.level", f"must be one of {', '.join(LOG_LEVELS)}")
+            self.error("logging.level", f"must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
         return LoggingConfig(level=level, json=self.value(section, "logging.json", bool, False))
 
     # -- values --------------------------------------------------------------------------------
@@ -399,6 +440,19 @@ class _Reader:
             return value
 
         return ENV_REFERENCE.sub(substitute, raw)
+
+    def text(self, raw: object, path: str, example: str) -> str | None:
+        """A value that must be written as a string in the YAML.
+
+        YAML turns unquoted 0123 into 83 and 12.50 into 12.5: converting such a number back to
+        text would silently give another secret, so the value must be quoted instead.
+        """
+        if not isinstance(raw, str):
+            self.error(path, f"must be a string, not {_kind(raw)}: quote it, e.g. {example}")
+            return None
+        errors_before = len(self.errors)
+        text: str = self.expand(raw, path)
+        return None if len(self.errors) > errors_before else text
 
     def value(self, section: dict[str, Any], path: str, kind: type[T], default: T) -> T:
         raw = self.expand(section.get(path.rsplit(".", 1)[-1]), path)
@@ -443,17 +497,30 @@ class _Reader:
         if not isinstance(raw, list) or not raw:
             self.error(path, "must be a non-empty list of seconds")
             return default
-        raw = [_number(self.expand(bound, f"{path}[{i}]")) for i, bound in enumerate(raw)]
-        if not all(_is_number(bound) for bound in raw):
-            self.error(path, "every bucket bound must be a number")
-            return default
-        bounds = tuple(float(bound) for bound in raw)
-        if any(not math.isfinite(b) or b <= 0 for b in bounds) or list(bounds) != sorted(
-            set(bounds)
-        ):
-            self.error(path, "bounds must be positive, finite and strictly increasing")
-            return default
-        return bounds
+        errors_before = len(self.errors)
+        bounds: list[float] = []
+        for index, item in enumerate(raw):
+            bound = self.bucket_bound(item, f"{path}[{index}]", bounds[-1] if bounds else 0.0)
+            if bound is not None:
+                bounds.append(bound)
+        return default if len(self.errors) > errors_before else tuple(bounds)
+
+    def bucket_bound(self, raw: object, path: str, previous: float) -> float | None:
+        errors_before = len(self.errors)
+        value = _number(self.expand(raw, path))
+        if len(self.errors) > errors_before:
+            return None
+        if not _is_number(value):
+            self.error(path, f"must be a number of seconds, not {value!r}")
+            return None
+        bound = float(value)  # type: ignore[arg-type]
+        if not math.isfinite(bound) or bound <= 0:
+            self.error(path, f"must be positive and finite, not {value!r}")
+            return None
+        if bound <= previous:
+            self.error(path, f"must be above the bound before it ({previous:g}), not {value!r}")
+            return None
+        return bound
 
 
 def _parse_duration(raw: object) -> float | None:
@@ -493,7 +560,14 @@ def _valid_bind(bind: str) -> bool:
 
 
 def _kind(value: object) -> str:
-    names: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
+    names: dict[type, str] = {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
     if value is None:
         return "empty"
     return names.get(type(value), f"a {type(value).__name__}")

@@ -11,8 +11,10 @@ from exporter.config import (
     DEFAULT_RING_BUCKETS,
     Config,
     ConfigError,
+    example_secret_accounts,
     find_config_path,
     load_config,
+    locate_config,
     parse_config,
 )
 
@@ -123,7 +125,11 @@ def test_secret_file_relative_to_the_config(tmp_path: Path) -> None:
         ),
         ({**MINIMAL, "server": {"bind": "9880"}}, "server.bind: must be HOST:PORT"),
         ({**MINIMAL, "server": {"workers": 0}}, "server.workers: must be an integer from 1 to 64"),
-        ({**MINIMAL, "server": {"webhook_path": "/metrics"}}, "server.webhook_path: must start"),
+        (
+            {**MINIMAL, "server": {"webhook_path": "/metrics"}},
+            "server.webhook_path: must start with / and not be one of ['/', '/healthz', "
+            "'/metrics', '/readyz'], not '/metrics'",
+        ),
         ({**MINIMAL, "server": {"colour": "red"}}, "server.colour: unknown key"),
         (
             {**MINIMAL, "calls": {"max_duration": "forever"}},
@@ -131,13 +137,28 @@ def test_secret_file_relative_to_the_config(tmp_path: Path) -> None:
         ),
         (
             {**MINIMAL, "metrics": {"ring_buckets": [5, 2]}},
-            "metrics.ring_buckets: bounds must be positive, finite and strictly increasing",
+            "metrics.ring_buckets[1]: must be above the bound before it (5), not 2",
+        ),
+        (
+            {**MINIMAL, "metrics": {"talk_buckets": [5, "soon", 9]}},
+            "metrics.talk_buckets[1]: must be a number of seconds, not 'soon'",
+        ),
+        (
+            {**MINIMAL, "metrics": {"ring_buckets": [1, -2]}},
+            "metrics.ring_buckets[1]: must be positive and finite, not -2",
+        ),
+        (
+            {"accounts": [{"id": 1, "secret": "x"}, "10124"]},
+            "accounts[1]: must be a mapping, not a string",
         ),
         (
             {**MINIMAL, "metrics": {"histogram_extension_label": "sometimes"}},
             "metrics.histogram_extension_label: must be a bool",
         ),
-        ({**MINIMAL, "logging": {"level": "loud"}}, "logging.level: must be one of"),
+        (
+            {**MINIMAL, "logging": {"level": "loud"}},
+            "logging.level: must be one of debug, info, warning, error, not 'loud'",
+        ),
         (
             {**MINIMAL, "extensions": {"777": {"1": "x"}}},
             "extensions.777: account 777 is not in accounts",
@@ -199,9 +220,109 @@ def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
     assert errors_of({"accounts": [{"id": 1, "secret_file": "secret.bin"}]}, tmp_path) == [
         "accounts[0].secret_file: secret.bin is not UTF-8 text"
     ]
-    (tmp_path / "bad.yaml").write_text("accounts: [\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(tmp_path / "bad.yaml")
+
+
+def test_a_yaml_error_names_the_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("accounts:\n  - id: 1\n    secret: [x\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.errors == [
+        f"{path}:4:1: not valid YAML: expected ',' or ']', but got '<stream end>' "
+        "(while parsing a flow sequence)"
+    ]
+    path.write_text("accounts:\n\t- id: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:2:1: not valid YAML: found character"):
+        load_config(path)
+
+
+def test_every_error_of_a_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("accounts:\n  - id: 1\nlogging:\n  level: loud\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.errors == [
+        f"{path}: accounts[0].secret: required (or secret_file)",
+        f"{path}: logging.level: must be one of debug, info, warning, error, not 'loud'",
+    ]
+
+
+@pytest.mark.parametrize("unquoted", ["0123", "12345", "12.50", "0x1F", "true", "1_000"])
+def test_a_secret_that_yaml_reads_as_a_number_or_boolean_must_be_quoted(
+    tmp_path: Path, unquoted: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"accounts:\n  - id: 1\n    secret: {unquoted}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    kind = "a boolean" if unquoted == "true" else "a number"
+    assert caught.value.errors == [
+        f'{path}: accounts[0].secret: must be a string, not {kind}: quote it, e.g. secret: "0123"'
+    ]
+    path.write_text(f'accounts:\n  - id: 1\n    secret: "{unquoted}"\n')
+    assert load_config(path).accounts[1].secret == unquoted
+
+
+def test_a_numeric_secret_from_the_environment_stays_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MCN_TEST_SECRET", "0123")
+    path = tmp_path / "config.yaml"
+    path.write_text("accounts:\n  - id: 1\n    secret: ${MCN_TEST_SECRET}\n")
+    assert load_config(path).accounts[1].secret == "0123"
+    monkeypatch.delenv("MCN_TEST_SECRET")
+    path.write_text("accounts:\n  - id: 1\n    secret: ${MCN_TEST_SECRET:-007}\n")
+    assert load_config(path).accounts[1].secret == "007"
+
+
+@pytest.mark.parametrize(
+    ("content", "secret"),
+    [("0123\n", "0123"), ("0123", "0123"), ("0123\r\n", "0123"), (" s p \n", " s p ")],
+)
+def test_a_secret_file_is_taken_as_written_less_its_final_line_end(
+    tmp_path: Path, content: str, secret: str
+) -> None:
+    (tmp_path / "secret.txt").write_bytes(content.encode())
+    document = {"accounts": [{"id": 1, "secret_file": "secret.txt"}]}
+    assert parse_config(document, tmp_path).accounts[1].secret == secret
+
+
+def test_a_secret_file_name_must_be_a_string(tmp_path: Path) -> None:
+    assert errors_of({"accounts": [{"id": 1, "secret_file": 123}]}, tmp_path) == [
+        "accounts[0].secret_file: must be a string, not a number: quote it, "
+        'e.g. secret_file: "/run/secrets/mcn"'
+    ]
+
+
+def test_accounts_on_the_example_secret_are_named() -> None:
+    config = parse_config(
+        {
+            "accounts": [
+                {"id": 1, "secret": "SecretToken"},
+                {"id": 2, "secret": "own"},
+                {"id": 3, "secret": "SecretToken"},
+            ]
+        }
+    )
+    assert example_secret_accounts(config) == [1, 3]
+
+
+def test_with_no_config_anywhere_it_says_where_it_looked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MCN_EXPORTER_CONFIG", raising=False)
+    with pytest.raises(ConfigError) as caught:
+        locate_config(None)
+    assert caught.value.errors == [
+        "no config file: none given, $MCN_EXPORTER_CONFIG is not set and there is no "
+        f"config.yaml in {tmp_path}",
+        "point at one with --config PATH or MCN_EXPORTER_CONFIG=PATH "
+        "(config.example.yaml shows every key)",
+    ]
+    (tmp_path / "config.yaml").write_text("")
+    assert locate_config(None) == Path("config.yaml")
+    assert locate_config("elsewhere.yaml") == Path("elsewhere.yaml")
 
 
 def test_config_path_order(monkeypatch: pytest.MonkeyPatch) -> None:
