@@ -18,6 +18,8 @@ from exporter.config import (
 )
 
 EXIT_CONFIG_ERROR = 2
+EXIT_DIFFERENCES = 1  # simulate: events given up on, or /metrics not as the ground truth says
+EXIT_CANNOT_RUN = 2  # simulate: the exporter cannot be reached or refuses the events as sent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path", nargs="?", help="config file (default: as for serve)")
     check.set_defaults(run=_check_config)
 
-    simulate = commands.add_parser("simulate", help="send realistic traffic; print ground truth")
+    simulate = commands.add_parser(
+        "simulate",
+        help="send realistic traffic; print the ground truth, or --verify /metrics against it",
+    )
     simulate.add_argument(
         "--url", required=True, help="the webhook URL, e.g. http://host:9880/webhook"
     )
@@ -63,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument(
         "--pace", type=float, default=0.2, help="longest ring or talk pause in seconds (0.2)"
+    )
+    simulate.add_argument(
+        "--verify",
+        action="store_true",
+        help="read /metrics before and after; exit 1 unless it moved exactly by the ground truth",
+    )
+    simulate.add_argument(
+        "--metrics-url", help="the /metrics to verify (default: /metrics on the --url host)"
     )
     simulate.set_defaults(run=_simulate)
     return parser
@@ -102,7 +115,7 @@ def _simulate(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG_ERROR
-    from exporter.simulate import Options, simulate
+    from exporter.simulate import Options, SimulationError, simulate
 
     options = Options(
         url=args.url,
@@ -112,11 +125,34 @@ def _simulate(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         missed_ratio=args.missed_ratio,
         pace=args.pace,
+        verify=args.verify,
+        metrics_url=args.metrics_url,
     )
-    result = simulate(config, options)
+    try:
+        result = simulate(config, options)
+    except SimulationError as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
     json.dump(result, sys.stdout, indent=1)
     sys.stdout.write("\n")
-    return 1 if result["failed"] else 0
+    if result["failed"]:
+        print(f"simulate: {result['failed']} event(s) not delivered", file=sys.stderr)
+    if args.verify:
+        _report_differences(result["differences"])
+    return EXIT_DIFFERENCES if result["failed"] or result.get("differences") else 0
+
+
+def _report_differences(differences: list[str]) -> None:
+    if not differences:
+        print("verify: /metrics moved exactly as the ground truth says", file=sys.stderr)
+        return
+    print(
+        f"verify: {len(differences)} difference(s) between how /metrics moved during the run "
+        "and the ground truth:",
+        file=sys.stderr,
+    )
+    for line in differences:
+        print(f"  {line}", file=sys.stderr)
 
 
 def _load(explicit: str | None) -> Config | None:

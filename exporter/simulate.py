@@ -4,29 +4,50 @@ Each planned call is a short script of webhook bodies, sent in order by one send
 other threads send other calls. Alongside, the simulator writes down what the exporter must show
 once everything is delivered: that is the ground truth printed at the end. Deliveries that fail
 on the network or with a 5xx are retried, as the provider does.
+
+The traffic is drawn from the seed; the call ids and caller numbers also carry a run id drawn
+afresh for each run, so that a second run with the same seed places new calls instead of
+repeating the first run's (which the exporter would rightly take as retried deliveries).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import math
 import queue
 import random
+import secrets
+import socket
+import ssl
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Config
 from exporter.events import EVENT_KINDS
 
 DEFAULT_EXTENSIONS = tuple(str(n) for n in range(101, 111))
 MAX_ATTEMPTS = 30
+TIMEOUT = 30.0
 Labels = tuple[tuple[str, str], ...]
+Samples = dict[str, dict[Labels, float]]
+
+
+class SimulationError(Exception):
+    """The run cannot go on: the exporter cannot be reached, or refuses the events as sent."""
+
+
+def new_run_id() -> str:
+    """Ten random digits: they also make the caller numbers, which are digits."""
+    return f"{secrets.randbelow(10**10):010d}"
 
 
 @dataclass
@@ -61,6 +82,9 @@ class Options:
     concurrency: int = 16
     missed_ratio: float = 0.1
     pace: float = 0.2  # longest ring or talk pause, in seconds
+    run_id: str = field(default_factory=new_run_id)
+    verify: bool = False  # compare how /metrics moved during the run with the ground truth
+    metrics_url: str | None = None  # default: /metrics on the webhook URL's host
 
 
 class TrafficPlan:
@@ -71,7 +95,7 @@ class TrafficPlan:
         self._options = options
         self._config = config
         self._by_extension = config.metrics.histogram_extension_label
-        self._serial = options.seed * 1_000_000
+        self._serial = 0
         self.truth = GroundTruth()
         # Talk time is exact only where the end carries billsec; a label set with any call
         # timed by the clock has no exact _sum to expect.
@@ -226,8 +250,13 @@ class TrafficPlan:
             plan=self,
             account=account,
             secret=self._config.accounts[account].secret,
-            did=f"+4219{self._serial:08d}",  # unique per call: calls without call_id never mix
-            call_id=f"sim-{self._options.seed}-{self._serial}" if with_call_id else None,
+            # Unique per call and run: calls without call_id never mix, within a run or across.
+            did=f"+{self._options.run_id}{self._serial:06d}",
+            call_id=(
+                f"sim-{self._options.seed}-{self._options.run_id}-{self._serial}"
+                if with_call_id
+                else None
+            ),
             pace=self._options.pace,
             rng=self._random,
         )
@@ -334,26 +363,33 @@ class _CallScript:
 
 
 class Sender:
-    """Sends planned calls over keep-alive connections, `concurrency` calls at a time."""
+    """Sends planned calls over keep-alive connections, `concurrency` calls at a time.
+
+    The first event goes alone: a wrong address, path or secret stops the run there with its
+    cause, instead of every event being retried. Later, network errors and 5xx are retried (the
+    exporter may be restarting), while a redirect or a 4xx stops the run: resending would not help.
+    """
 
     def __init__(self, options: Options) -> None:
-        parts = urlsplit(options.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {options.url}")
+        self._parts = http_url(options.url)
         self._options = options
-        self._parts = parts
-        self._path = parts.path or "/"
+        self._path = self._parts.path or "/"
         self._lock = threading.Lock()
         self._interval = 1.0 / options.rate if options.rate > 0 else 0.0
         self._next_slot = time.monotonic()
+        self._stop = threading.Event()
+        self.stopped_by: str | None = None
         self.sent = 0
         self.retries = 0
         self.failed: list[str] = []
         self.calls_done = 0
 
-    def run(self, calls: list[PlannedCall], progress: Callable[[], None] | None = None) -> None:
+    def run(self, calls: list[PlannedCall], progress: Callable[[bool], None] | None = None) -> None:
+        """Deliver every call; SimulationError if the exporter refuses them or is not there."""
         work: queue.Queue[PlannedCall] = queue.Queue()
-        for call in calls:
+        if calls:
+            work.put(self._probe(calls[0]))
+        for call in calls[1:]:
             work.put(call)
         threads = [
             threading.Thread(target=self._worker, args=(work,), daemon=True)
@@ -363,14 +399,26 @@ class Sender:
             thread.start()
         while any(thread.is_alive() for thread in threads):
             if progress:
-                progress()
+                progress(False)
             time.sleep(0.2)
         if progress:
-            progress()
+            progress(True)
+        if self.stopped_by is not None:
+            raise SimulationError(f"stopped after {self.sent} event(s): {self.stopped_by}")
+
+    def _probe(self, call: PlannedCall) -> PlannedCall:
+        """Send the call's first event now, alone; what is left of the call is returned."""
+        _, body = call.steps[0]
+        connection = self._deliver(None, json.dumps(body).encode(), probing=True)
+        if connection is not None:
+            connection.close()
+        if self.stopped_by is not None:
+            raise SimulationError(self.stopped_by)
+        return PlannedCall(call.steps[1:])
 
     def _worker(self, work: queue.Queue[PlannedCall]) -> None:
         connection: http.client.HTTPConnection | None = None
-        while True:
+        while not self._stop.is_set():
             try:
                 call = work.get_nowait()
             except queue.Empty:
@@ -378,6 +426,8 @@ class Sender:
             for delay, body in call.steps:
                 if delay:
                     time.sleep(delay)
+                if self._stop.is_set():
+                    break
                 connection = self._deliver(connection, json.dumps(body).encode())
             with self._lock:
                 self.calls_done += 1
@@ -385,10 +435,12 @@ class Sender:
             connection.close()
 
     def _deliver(
-        self, connection: http.client.HTTPConnection | None, payload: bytes
+        self, connection: http.client.HTTPConnection | None, payload: bytes, probing: bool = False
     ) -> http.client.HTTPConnection | None:
         for attempt in range(MAX_ATTEMPTS):
             self._wait_for_slot()
+            if self._stop.is_set():
+                return connection
             if connection is None:
                 connection = self._connect()
             try:
@@ -396,19 +448,23 @@ class Sender:
                     "POST", self._path, body=payload, headers={"Content-Type": "application/json"}
                 )
                 response = connection.getresponse()
-                response.read()
-                status = response.status
-            except (OSError, http.client.HTTPException):
+                answer = response.read()
+            except (OSError, http.client.HTTPException) as exc:
                 connection.close()
-                connection, status = None, 0
-            if 200 <= status < 300:
-                with self._lock:
-                    self.sent += 1
-                return connection
-            if 400 <= status < 500 and status != 429:
-                with self._lock:
-                    self.failed.append(f"HTTP {status}")
-                return connection
+                connection = None
+                if probing:
+                    self._abort(f"{self._options.url}: {network_problem(exc, self._parts)}")
+                    return None
+            else:
+                if 200 <= response.status < 300:
+                    with self._lock:
+                        self.sent += 1
+                    return connection
+                if response.status < 500 and response.status not in (408, 429):
+                    self._abort(self._refusal(response, answer, payload))
+                    with self._lock:
+                        self.failed.append(f"HTTP {response.status}")
+                    return connection
             with self._lock:
                 self.retries += 1
             time.sleep(min(0.05 * 2**attempt, 2.0))
@@ -416,11 +472,39 @@ class Sender:
             self.failed.append("gave up after retries")
         return connection
 
+    def _abort(self, cause: str) -> None:
+        with self._lock:
+            if self.stopped_by is None:
+                self.stopped_by = cause
+        self._stop.set()
+
+    def _refusal(self, response: http.client.HTTPResponse, answer: bytes, payload: bytes) -> str:
+        """One line: what the answer means for how simulate was pointed at the exporter."""
+        url = self._options.url
+        account = json.loads(payload).get("account_id")
+        status = f"{response.status} {response.reason}"
+        if response.status == 401:
+            return (
+                f"{url}: {status}: the exporter does not take the secret of account {account}: "
+                "give simulate the exporter's config (--config)"
+            )
+        if response.status == 403:
+            return (
+                f"{url}: {status}: the exporter has no account {account}: "
+                "give simulate the exporter's config (--config)"
+            )
+        if response.status in (404, 405):
+            return (
+                f"{url}: {status}: no webhook at {self._path}: use the path of the exporter's "
+                "server.webhook_path (/webhook by default)"
+            )
+        if 300 <= response.status < 400:
+            return f"{url}: {status}: redirected to {response.getheader('Location')}: use that URL"
+        text = answer.decode("utf-8", "replace").strip()[:200]
+        return f"{url}: {status}: {text}"
+
     def _connect(self) -> http.client.HTTPConnection:
-        host, port = self._parts.hostname or "", self._parts.port
-        if self._parts.scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=30)
-        return http.client.HTTPConnection(host, port, timeout=30)
+        return connect(self._parts)
 
     def _wait_for_slot(self) -> None:
         if not self._interval:
@@ -433,13 +517,174 @@ class Sender:
             time.sleep(delay)
 
 
+def http_url(url: str) -> SplitResult:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SimulationError(f"not an http(s) URL: {url}")
+    try:
+        parts.port  # noqa: B018 -- raises on a port that is not a number
+    except ValueError as exc:
+        raise SimulationError(f"{url}: {exc}") from exc
+    return parts
+
+
+def connect(parts: SplitResult) -> http.client.HTTPConnection:
+    host, port = parts.hostname or "", parts.port
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(host, port, timeout=TIMEOUT)
+    return http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+
+
+def network_problem(exc: BaseException, parts: SplitResult) -> str:
+    """Why nothing could be sent, in the words of the fix."""
+    where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused: is the exporter running and listening on {where}?"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host {parts.hostname}: {exc.strerror}"
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {where} within {TIMEOUT:g} s"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed with {where}: {exc.reason or exc} (is it http rather than https?)"
+    if isinstance(exc, http.client.HTTPException | ConnectionError):
+        return f"{where} broke the connection ({type(exc).__name__}): is it an HTTP server?"
+    return f"cannot connect to {where}: {exc}"
+
+
+# -- comparing /metrics with the ground truth ----------------------------------------------------
+
+
+def metrics_url(options: Options) -> str:
+    """--metrics-url, or /metrics on the webhook URL's scheme, host and port."""
+    if options.metrics_url:
+        return options.metrics_url
+    parts = urlsplit(options.url)
+    return urlunsplit((parts.scheme, parts.netloc, "/metrics", "", ""))
+
+
+def read_metrics(url: str) -> Samples:
+    """Every sample /metrics shows, by name and labels; SimulationError if it cannot be read."""
+    parts = http_url(url)
+    connection = connect(parts)
+    try:
+        connection.request("GET", urlunsplit(("", "", parts.path or "/", parts.query, "")))
+        response = connection.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise SimulationError(f"{url}: {network_problem(exc, parts)}") from exc
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise SimulationError(
+            f"{url}: {response.status} {response.reason}: cannot read the metrics to verify "
+            "(give the exporter's own /metrics with --metrics-url)"
+        )
+    return parse_metrics(body.decode("utf-8", "replace"))
+
+
+def parse_metrics(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def truth_differences(before: Samples, after: Samples, result: Mapping[str, Any]) -> list[str]:
+    """How /metrics moved during a run (after minus before) against the run's ground truth.
+
+    One line per difference; none when they agree. Every expected sample must have moved by
+    exactly its value, and every other call sample not at all: mcn_active_calls included, whose
+    truth is 0 because every simulated call ends, so it must be back where it was. Two are
+    looser: a delivery retried because its answer was lost (a worker died after taking it) is
+    rightly counted twice by mcn_webhook_events_total, and by nothing else; and talk-time sums
+    are expected only where every end carried billsec (the others are timed by the exporter's
+    clock). No request may have been refused. Give `before={}` for a store that started empty.
+    """
+    differences = [
+        f"{_series(REJECTED, labels)}: {value:g} request(s) refused during the run"
+        for labels, value in _moves(before, after, REJECTED).items()
+    ]
+    for name, expected_samples in sorted(result["samples"].items()):
+        expected = {
+            tuple(sorted(s["labels"].items())): float(s["value"])
+            for s in expected_samples
+            if s["value"]
+        }
+        moved = _moves(before, after, name)
+        if name == "mcn_webhook_events_total":
+            differences += _delivery_differences(moved, expected, int(result["retries"]))
+        elif name == "mcn_call_talk_seconds_sum":
+            differences += _sample_differences(
+                name, {labels: moved.get(labels, 0.0) for labels in expected}, expected
+            )
+        else:
+            differences += _sample_differences(name, moved, expected)
+    return differences
+
+
+REJECTED = "mcn_webhook_rejected_total"
+
+
+def _moves(before: Samples, after: Samples, name: str) -> dict[Labels, float]:
+    was, now = before.get(name, {}), after.get(name, {})
+    moves = {labels: now.get(labels, 0.0) - was.get(labels, 0.0) for labels in was.keys() | now}
+    return {labels: move for labels, move in moves.items() if not _same(move, 0.0)}
+
+
+def _sample_differences(
+    name: str, moved: dict[Labels, float], expected: dict[Labels, float]
+) -> list[str]:
+    return [
+        f"{_series(name, labels)}: expected {expected.get(labels, 0.0):+g}, "
+        f"/metrics moved by {moved.get(labels, 0.0):+g}"
+        for labels in sorted(moved.keys() | expected.keys())
+        if not _same(moved.get(labels, 0.0), expected.get(labels, 0.0))
+    ]
+
+
+def _delivery_differences(
+    moved: dict[Labels, float], expected: dict[Labels, float], retries: int
+) -> list[str]:
+    name = "mcn_webhook_events_total"
+    differences = [
+        f"{_series(name, labels)}: expected {expected.get(labels, 0.0):+g}"
+        f"{' (or more, by retries)' if labels in expected else ''}, "
+        f"/metrics moved by {moved.get(labels, 0.0):+g}"
+        for labels in sorted(moved.keys() | expected.keys())
+        if labels not in expected or labels not in moved or moved[labels] < expected[labels]
+    ]
+    excess = sum(moved.get(labels, 0.0) - value for labels, value in expected.items())
+    if excess > retries:
+        differences.append(
+            f"{name}: {excess:g} more deliveries counted than expected, "
+            f"but only {retries} were retried"
+        )
+    return differences
+
+
+def _same(a: float, b: float) -> bool:
+    # Sums of whole seconds, on top of clock-timed fractions: only float rounding may differ.
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
+
+
+def _series(name: str, labels: Labels) -> str:
+    return name + "{" + ",".join(f'{key}="{value}"' for key, value in labels) + "}"
+
+
 def simulate(config: Config, options: Options) -> dict[str, Any]:
+    """Run the traffic; the result, with the ground truth and, if asked, how /metrics differs.
+
+    SimulationError if the exporter or its /metrics cannot be reached or refuses the events.
+    """
     plan = TrafficPlan(config, options)
     calls = plan.build()
     total_events = sum(len(call.steps) for call in calls)
     sender = Sender(options)
+    before = read_metrics(metrics_url(options)) if options.verify else None
     sender.run(calls, _progress_bar(sender, len(calls)) if sys.stderr.isatty() else None)
-    return {
+    result = {
+        "run_id": options.run_id,
         "calls": len(calls),
         "events": total_events,
         "delivered": sender.sent,
@@ -448,10 +693,15 @@ def simulate(config: Config, options: Options) -> dict[str, Any]:
         "failures": sorted(set(sender.failed)),
         "samples": plan.truth.as_json(),
     }
+    if before is not None:
+        result["differences"] = truth_differences(
+            before, read_metrics(metrics_url(options)), result
+        )
+    return result
 
 
-def _progress_bar(sender: Sender, total: int) -> Callable[[], None]:
-    def show() -> None:
+def _progress_bar(sender: Sender, total: int) -> Callable[[bool], None]:
+    def show(final: bool) -> None:
         done = sender.calls_done
         width = 30
         filled = width * done // max(total, 1)
@@ -459,7 +709,7 @@ def _progress_bar(sender: Sender, total: int) -> Callable[[], None]:
             f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} calls, "
             f"{sender.sent} events, {sender.retries} retries"
         )
-        if done >= total:
+        if final:
             sys.stderr.write("\n")
         sys.stderr.flush()
 

@@ -1,19 +1,34 @@
-"""The traffic simulator: deterministic plans, a ground truth that matches them, retries."""
+"""The traffic simulator: deterministic plans, a ground truth that matches them, retries,
+failing fast when pointed wrong, and --verify against a real exporter."""
 
 from __future__ import annotations
 
 import http.server
 import json
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from exporter.config import Config, parse_config
 from exporter.events import WebhookParser
-from exporter.simulate import Options, Sender, TrafficPlan
-from tests.conftest import base_config
+from exporter.simulate import (
+    Options,
+    Samples,
+    Sender,
+    SimulationError,
+    TrafficPlan,
+    truth_differences,
+)
+from tests.conftest import ACCOUNT, SECRET, ServerProcess, base_config, free_port
+
+StartServer = Callable[..., ServerProcess]
 
 
 @pytest.fixture
@@ -28,12 +43,32 @@ def plan(config: Config, **options: object) -> TrafficPlan:
 
 
 def test_same_seed_same_traffic(sim_config: Config) -> None:
-    first, second = plan(sim_config, calls=50, seed=3), plan(sim_config, calls=50, seed=3)
+    first = plan(sim_config, calls=50, seed=3, run_id="0000000001")
+    second = plan(sim_config, calls=50, seed=3, run_id="0000000001")
     assert [c.steps for c in first.calls] == [c.steps for c in second.calls]
     assert first.truth == second.truth
-    assert [c.steps for c in plan(sim_config, calls=50, seed=4).calls] != [
+    assert [c.steps for c in plan(sim_config, calls=50, seed=4, run_id="0000000001").calls] != [
         c.steps for c in first.calls
     ]
+
+
+def bodies(traffic: TrafficPlan) -> list[dict[str, Any]]:
+    return [body for call in traffic.calls for _, body in call.steps]
+
+
+def test_each_run_places_new_calls_with_the_same_traffic(sim_config: Config) -> None:
+    first, second = plan(sim_config, calls=80, seed=3), plan(sim_config, calls=80, seed=3)
+    assert first.truth == second.truth
+
+    def without_ids(body: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in body.items() if k not in ("call_id", "did")}
+
+    assert [without_ids(b) for b in bodies(first)] == [without_ids(b) for b in bodies(second)]
+    for key in ("call_id", "did"):
+        ids = [{b[key] for b in bodies(traffic) if key in b} for traffic in (first, second)]
+        assert ids[0]
+        assert ids[1]
+        assert not ids[0] & ids[1], key
 
 
 def test_every_planned_body_is_a_valid_webhook(sim_config: Config) -> None:
@@ -109,3 +144,286 @@ def test_sender_retries_5xx_until_each_event_is_taken(
     assert sender.sent == events
     assert sender.retries == events
     assert sender.failed == []
+
+
+class RefusingHandler(http.server.BaseHTTPRequestHandler):
+    """Takes the first event, then answers 401: as if the secret changed during the run."""
+
+    count = 0
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            RefusingHandler.count += 1
+            first = RefusingHandler.count == 1
+        self.send_response(200 if first else 401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_refusal_during_the_run_stops_it_instead_of_sending_the_rest(
+    sim_config: Config,
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/webhook"
+    try:
+        options = Options(url=url, calls=200, concurrency=2, pace=0)
+        sender = Sender(options)
+        with pytest.raises(SimulationError) as caught:
+            sender.run(TrafficPlan(sim_config, options).build())
+    finally:
+        server.shutdown()
+    assert str(caught.value).startswith(f"stopped after 1 event(s): {url}: 401 Unauthorized: ")
+    assert RefusingHandler.count <= 3  # the probe, then one refusal per sender at most
+
+
+def test_a_closed_port_fails_at_once_with_the_cause(sim_config: Config) -> None:
+    port = free_port()
+    options = Options(url=f"http://127.0.0.1:{port}/webhook", calls=50)
+    sender = Sender(options)
+    with pytest.raises(SimulationError) as caught:
+        sender.run(TrafficPlan(sim_config, options).build())
+    assert str(caught.value) == (
+        f"http://127.0.0.1:{port}/webhook: connection refused: "
+        f"is the exporter running and listening on 127.0.0.1:{port}?"
+    )
+    assert (sender.sent, sender.retries) == (0, 0)
+
+
+def test_a_url_that_is_not_http_is_refused(sim_config: Config) -> None:
+    with pytest.raises(SimulationError, match="not an http"):
+        Sender(Options(url="ftp://127.0.0.1/webhook"))
+    with pytest.raises(SimulationError, match=r"127\.0\.0\.1:port/webhook: Port could not be cast"):
+        Sender(Options(url="http://127.0.0.1:port/webhook"))
+
+
+# -- comparing /metrics with the ground truth ----------------------------------------------------
+
+
+def run_result(traffic: TrafficPlan, retries: int = 0) -> dict[str, Any]:
+    return {"samples": traffic.truth.as_json(), "retries": retries}
+
+
+def metrics_moved_by(before: Samples, result: dict[str, Any]) -> Samples:
+    """What /metrics shows after a run that the exporter counted exactly."""
+    after = {name: dict(series) for name, series in before.items()}
+    for name, expected in result["samples"].items():
+        for sample in expected:
+            labels = tuple(sorted(sample["labels"].items()))
+            series = after.setdefault(name, {})
+            series[labels] = series.get(labels, 0.0) + sample["value"]
+    return after
+
+
+TELEPHONY = (
+    ("account", str(ACCOUNT)),
+    ("direction", "inbound"),
+    ("extension", ""),
+    ("service", "telephony"),
+)
+TALK = (("account", str(ACCOUNT)), ("direction", "inbound"), ("service", "vpbx"))
+
+
+def test_a_run_counted_exactly_has_no_difference_on_a_store_that_is_not_fresh(
+    sim_config: Config,
+) -> None:
+    result = run_result(plan(sim_config, calls=300))
+    assert truth_differences({}, metrics_moved_by({}, result), result) == []
+    before: Samples = {
+        "mcn_active_calls": {TELEPHONY: 2.0},
+        "mcn_call_talk_seconds_sum": {TALK: 1234.567},
+        "mcn_calls_started_total": {TELEPHONY: 90.0},
+        "mcn_webhook_rejected_total": {(("reason", "unauthorized"),): 4.0},
+    }
+    assert truth_differences(before, metrics_moved_by(before, result), result) == []
+
+
+def test_every_way_metrics_can_differ_is_told(sim_config: Config) -> None:
+    result = run_result(plan(sim_config, calls=300), retries=1)
+    before: Samples = {"mcn_active_calls": {TELEPHONY: 2.0}}
+    after = metrics_moved_by(before, result)
+    after["mcn_active_calls"][TELEPHONY] = 3.0  # a call still open: it was not simulated
+    after["mcn_calls_started_total"][TELEPHONY] -= 1
+    talk = tuple(sorted(result["samples"]["mcn_call_talk_seconds_sum"][0]["labels"].items()))
+    after["mcn_call_talk_seconds_sum"][talk] += 7
+    after["mcn_webhook_rejected_total"] = {(("reason", "malformed"),): 1.0}
+    series = f'account="{ACCOUNT}",direction="inbound",extension="",service="telephony"'
+    expected_started = next(
+        s["value"]
+        for s in result["samples"]["mcn_calls_started_total"]
+        if tuple(sorted(s["labels"].items())) == TELEPHONY
+    )
+    differences = truth_differences(before, after, result)
+    assert differences[0] == (
+        'mcn_webhook_rejected_total{reason="malformed"}: 1 request(s) refused during the run'
+    )
+    assert f"mcn_active_calls{{{series}}}: expected +0, /metrics moved by +1" in differences
+    assert (
+        f"mcn_calls_started_total{{{series}}}: expected +{expected_started}, "
+        f"/metrics moved by +{expected_started - 1}"
+    ) in differences
+    assert any(line.startswith("mcn_call_talk_seconds_sum{") for line in differences), differences
+    assert len(differences) == 4, differences
+
+
+def test_deliveries_counted_twice_are_allowed_up_to_the_retries(sim_config: Config) -> None:
+    result = run_result(plan(sim_config, calls=100), retries=2)
+    after = metrics_moved_by({}, result)
+    events = after["mcn_webhook_events_total"]
+    labels = next(iter(events))
+    events[labels] += 2
+    assert truth_differences({}, after, result) == []
+    events[labels] += 1
+    assert truth_differences({}, after, result) == [
+        "mcn_webhook_events_total: 3 more deliveries counted than expected, but only 2 were retried"
+    ]
+
+
+# -- the command against a real exporter ----------------------------------------------------------
+
+
+def simulate_command(url: str, config: Path, *args: str) -> list[str]:
+    command = [sys.executable, "-m", "exporter", "simulate", "--url", url, "--config", str(config)]
+    return [*command, *args]
+
+
+def simulate(
+    url: str, config: Path, *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        simulate_command(url, config, *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_simulate_against_a_closed_port_exits_2_with_the_cause(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(base_config(tmp_path)))
+    url = f"http://127.0.0.1:{free_port()}/webhook"
+    result = simulate(url, config, timeout=60)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"simulate: {url}: connection refused: is the exporter running and listening on "
+        f"{url.removeprefix('http://').removesuffix('/webhook')}?"
+    ]
+    verify = simulate(url, config, "--verify", timeout=60)
+    assert verify.returncode == 2
+    assert verify.stderr.startswith(f"simulate: {url.removesuffix('/webhook')}/metrics: ")
+
+
+def delivered(server: ServerProcess) -> float:
+    return sum(server.samples().get("mcn_webhook_events_total", {}).values())
+
+
+def rejected(server: ServerProcess) -> dict[str, float]:
+    series = server.samples().get("mcn_webhook_rejected_total", {})
+    return {dict(labels)["reason"]: value for labels, value in series.items() if value}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(
+    ("accounts", "path", "cause"),
+    [
+        (
+            [{"id": ACCOUNT, "secret": "not-the-one"}],
+            "/webhook",
+            f"401 Unauthorized: the exporter does not take the secret of account {ACCOUNT}",
+        ),
+        (
+            [{"id": 777, "secret": SECRET}],
+            "/webhook",
+            "403 Forbidden: the exporter has no account 777",
+        ),
+        (
+            [{"id": ACCOUNT, "secret": SECRET}],
+            "/hook",
+            "404 Not Found: no webhook at /hook: use the path of the exporter's "
+            "server.webhook_path (/webhook by default)",
+        ),
+    ],
+)
+def test_simulate_pointed_wrong_stops_at_the_first_refusal_with_its_cause(
+    start_server: StartServer,
+    tmp_path: Path,
+    accounts: list[dict[str, Any]],
+    path: str,
+    cause: str,
+) -> None:
+    server = start_server(workers=1)
+    wrong = tmp_path / "simulate.yaml"
+    wrong.write_text(yaml.safe_dump(base_config(tmp_path, accounts=accounts)))
+
+    result = simulate(server.url + path, wrong, "--calls", "200", timeout=120)
+
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"simulate: {server.url}{path}: {cause}"), line
+    assert sum(rejected(server).values()) <= 1  # the probe alone: not 200 calls' worth
+
+
+@pytest.mark.server
+def test_verify_passes_twice_with_the_same_seed_on_one_store(start_server: StartServer) -> None:
+    server = start_server(workers=2, extensions={str(ACCOUNT): {"101": "A", "102": "B"}})
+    args = ("--calls", "150", "--pace", "0.01", "--seed", "5", "--verify")
+    runs = [simulate(server.url + "/webhook", server.config_path, *args) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["differences"] == []
+        assert run.stderr.endswith("verify: /metrics moved exactly as the ground truth says\n")
+    first, second = (json.loads(run.stdout) for run in runs)
+    assert first["samples"] == second["samples"]
+    assert first["run_id"] != second["run_id"]
+    started = sum(server.samples()["mcn_calls_started_total"].values())
+    expected = sum(s["value"] for s in first["samples"]["mcn_calls_started_total"])
+    assert started == 2 * expected  # the second run's calls were new calls, not retries
+
+
+@pytest.mark.server
+def test_verify_exits_1_and_prints_what_another_sender_changed(
+    start_server: StartServer,
+) -> None:
+    server = start_server(workers=2)
+    run = subprocess.Popen(
+        simulate_command(
+            server.url + "/webhook",
+            server.config_path,
+            *("--verify", "--calls", "40", "--rate", "20", "--concurrency", "4", "--pace", "0"),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not delivered(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Posted once simulate has read /metrics and started sending, long before it is done.
+    # A call of another sender, at an extension the simulation does not use: it stays open.
+    extra = {
+        "event_type": "onInCallingStart",
+        "abon": "999",
+        "call_id": "not-simulated",
+        "secret": SECRET,
+        "account_id": ACCOUNT,
+    }
+    assert server.post(json.dumps(extra).encode())[0] == 200
+    stdout, stderr = run.communicate(timeout=300)
+
+    assert run.returncode == 1, stderr
+    series = f'account="{ACCOUNT}",direction="inbound",extension="999",service="vpbx"'
+    moved = [
+        f"mcn_active_calls{{{series}}}: expected +0, /metrics moved by +1",
+        f"mcn_calls_started_total{{{series}}}: expected +0, /metrics moved by +1",
+    ]
+    assert set(moved) <= set(json.loads(stdout)["differences"])
+    assert stderr.startswith("verify: ")
+    assert {f"  {line}" for line in moved} <= set(stderr.splitlines())
