@@ -1,9 +1,10 @@
 # The two commands of the README: `make run` and `make test`. Both set up what they need.
+# `make test-fast` lints and runs only the tests that start no server.
 VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: run test lint system-deps bench clean
+.PHONY: run test test-fast lint system-deps bench clean
 
 $(BIN)/mcn-exporter: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ lint: $(BIN)/mcn-exporter
 
 test: $(BIN)/mcn-exporter system-deps lint
 	$(BIN)/python -m pytest
+
+test-fast: $(BIN)/mcn-exporter lint
+	$(BIN)/python -m pytest -m "not server"
 
 bench: $(BIN)/mcn-exporter system-deps
 	$(BIN)/python bench/run.py
