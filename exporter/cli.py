@@ -95,8 +95,9 @@ def _check_config(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG_ERROR
     path = locate_config(args.path)
+    on_example = set(example_secret_accounts(config))
     for index, account in enumerate(config.accounts.values()):
-        if account.id in example_secret_accounts(config):
+        if account.id in on_example:
             print(
                 f"{path}: warning: accounts[{index}].secret: account {account.id} uses "
                 f'"{EXAMPLE_SECRET}", the example secret of the provider\'s documentation: '
