@@ -197,6 +197,7 @@ class PostgresCallStore:
         rows = [(account, extension) for extension in sorted(set(extensions))]
         with self.transaction() as tx:
             if rows:
+                tx.lock_account(account)
                 tx.connection.cursor().executemany(
                     "INSERT INTO extensions VALUES (%s, %s) ON CONFLICT DO NOTHING", rows
                 )
@@ -416,9 +417,7 @@ class _PostgresTransaction:
         ).fetchone()
         if known:
             return True  # extensions are never taken back: no lock needed to trust this
-        self.connection.execute(
-            "SELECT pg_advisory_xact_lock(%s, %s)", (EXTENSION_LOCKS, _hash32(("account", account)))
-        )
+        self.lock_account(account)
         row = self.connection.execute(
             "SELECT count(*), coalesce(bool_or(extension = %s), false)"
             " FROM extensions WHERE account = %s",
@@ -489,6 +488,12 @@ class _PostgresTransaction:
                     [self._timings[k][1] for k in keys_t],
                 ),
             )
+
+    def lock_account(self, account: int) -> None:
+        """The lock an account's extensions are admitted under."""
+        self.connection.execute(
+            "SELECT pg_advisory_xact_lock(%s, %s)", (EXTENSION_LOCKS, _hash32(("account", account)))
+        )
 
     def _lock_legs(self, key: int) -> None:
         if key not in self._locked:

@@ -464,6 +464,25 @@ def test_a_restarted_server_is_unavailable_then_used_again_by_the_same_store(
 
 
 @pytest.mark.postgresql
+def test_a_lock_held_by_a_stalled_replica_fails_the_transaction_instead_of_hanging(
+    postgres_url: str, clock: FakeClock
+) -> None:
+    store = PostgresCallStore(postgres_url, LAYOUT, connect_timeout=2.0, statement_timeout=1.0)
+    tracker = CallTracker(store, TrackerSettings(), clock)
+    tracker.on_event(event("onInCallingStart", "call-1"))
+    with psycopg.connect(postgres_url) as stalled:
+        # A replica stopped in the middle of its transaction on the same call.
+        stalled.execute("SELECT * FROM legs FOR UPDATE")
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="statement timeout"):
+            tracker.on_event(event("onInCallingEnd", "call-1"))
+        assert time.monotonic() - began < 15
+        stalled.rollback()
+    assert tracker.on_event(event("onInCallingEnd", "call-1")) is Disposition.CLOSED
+    store.close()
+
+
+@pytest.mark.postgresql
 def test_a_newer_schema_is_refused_before_anything_is_written(postgres_url: str) -> None:
     open_postgres(postgres_url)().close()
     with psycopg.connect(postgres_url, autocommit=True) as connection:
