@@ -53,6 +53,9 @@ SCHEMA_VERSION = "1"
 LEG_LOCKS = 0x6D636E01
 EXTENSION_LOCKS = 0x6D636E02
 SCHEMA_LOCK = 0x6D636E03
+# Totals are kept in this many rows each, summed when read: every event adds to the same few
+# totals, and a single row would make concurrent transactions wait for each other's COMMIT.
+SHARDS = 16
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
@@ -78,21 +81,23 @@ CREATE INDEX IF NOT EXISTS legs_by_party
 CREATE INDEX IF NOT EXISTS legs_open ON legs (opened_at) WHERE closed_at IS NULL;
 CREATE INDEX IF NOT EXISTS legs_closed ON legs (closed_at) WHERE closed_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS active_legs (
-    account bigint, service text, direction text, extension text, count bigint NOT NULL,
-    PRIMARY KEY (account, service, direction, extension)
+    account bigint, service text, direction text, extension text, shard smallint,
+    count bigint NOT NULL, PRIMARY KEY (account, service, direction, extension, shard)
 );
 CREATE TABLE IF NOT EXISTS counters (
-    kind text, labels text, value double precision NOT NULL, PRIMARY KEY (kind, labels)
+    kind text, labels text, shard smallint, value double precision NOT NULL,
+    PRIMARY KEY (kind, labels, shard)
 );
 CREATE TABLE IF NOT EXISTS timings (
-    kind text, labels text, bucket double precision, count bigint NOT NULL,
-    total double precision NOT NULL, PRIMARY KEY (kind, labels, bucket)
+    kind text, labels text, bucket double precision, shard smallint, count bigint NOT NULL,
+    total double precision NOT NULL, PRIMARY KEY (kind, labels, bucket, shard)
 );
 CREATE TABLE IF NOT EXISTS extensions (
     account bigint, extension text, PRIMARY KEY (account, extension)
 );
 CREATE TABLE IF NOT EXISTS last_events (
-    account bigint, service text, at double precision NOT NULL, PRIMARY KEY (account, service)
+    account bigint, service text, shard smallint, at double precision NOT NULL,
+    PRIMARY KEY (account, service, shard)
 );
 """
 
@@ -163,8 +168,9 @@ class PostgresCallStore:
         with self._begun("BEGIN") as connection:
             tx = _PostgresTransaction(connection, self.layout, self._party_key)
             yield tx
-            tx.flush()
-            connection.execute("COMMIT")
+            with connection.pipeline():  # the totals and the COMMIT in one round trip
+                tx.flush()
+                connection.execute("COMMIT")
 
     def snapshot(self) -> StoreSnapshot:
         with self._begun("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") as connection:
@@ -184,12 +190,12 @@ class PostgresCallStore:
             # In the order tallies are written in, so that neither waits on the other for long.
             if counters:
                 tx.connection.cursor().executemany(
-                    "INSERT INTO counters VALUES (%s, %s, 0) ON CONFLICT DO NOTHING",
+                    "INSERT INTO counters VALUES (%s, %s, 0, 0) ON CONFLICT DO NOTHING",
                     sorted(counters),
                 )
             if timings:
                 tx.connection.cursor().executemany(
-                    "INSERT INTO timings VALUES (%s, %s, %s, 0, 0) ON CONFLICT DO NOTHING",
+                    "INSERT INTO timings VALUES (%s, %s, %s, 0, 0, 0) ON CONFLICT DO NOTHING",
                     sorted(timings),
                 )
 
@@ -326,20 +332,29 @@ class _PostgresTransaction:
         self._timings: dict[tuple[str, str, float], tuple[int, float]] = {}
 
     def candidate_legs(self, event: CallEvent, closed_since: float) -> list[Leg]:
-        if event.call_id is not None:
-            self._lock_legs(_call_lock(event.account, event.call_id, event.abon))
-            rows = self.connection.execute(
-                _LEGS_OF_CALL, (event.account, event.call_id, event.abon)
-            ).fetchall()
-            return [_leg(row) for row in rows]
-        assert event.kind is not None
-        extension = (event.account, event.service.value, event.kind.direction.value, event.abon)
-        self._lock_legs(_abon_lock(*extension))
-        party = self._party(event.did)
-        if party is None:
-            cursor = self.connection.execute(_LEGS_OF_EXTENSION, (*extension, closed_since))
-        else:
-            cursor = self.connection.execute(_LEGS_OF_PARTY, (*extension, party, closed_since))
+        # Sent together, run in turn: the SELECT reads what the lock's last holder committed.
+        with self.connection.pipeline():
+            if event.call_id is not None:
+                self._lock_legs(_call_lock(event.account, event.call_id, event.abon))
+                cursor = self.connection.execute(
+                    _LEGS_OF_CALL, (event.account, event.call_id, event.abon)
+                )
+            else:
+                assert event.kind is not None
+                extension = (
+                    event.account,
+                    event.service.value,
+                    event.kind.direction.value,
+                    event.abon,
+                )
+                self._lock_legs(_abon_lock(*extension))
+                party = self._party(event.did)
+                if party is None:
+                    cursor = self.connection.execute(_LEGS_OF_EXTENSION, (*extension, closed_since))
+                else:
+                    cursor = self.connection.execute(
+                        _LEGS_OF_PARTY, (*extension, party, closed_since)
+                    )
         return [_leg(row) for row in cursor.fetchall()]
 
     def insert_leg(self, leg: Leg, did: str | None) -> None:
@@ -450,39 +465,48 @@ class _PostgresTransaction:
                     self._timings[timing] = (count + 1, total + row.seconds)
 
     def flush(self) -> None:
-        """Writes the totals, each table's rows in key order, and tables in a fixed order."""
+        """Writes the totals, each table's rows in key order, and tables in a fixed order.
+
+        Into this connection's shard: transactions on other connections write other rows.
+        """
+        shard = self.connection.info.backend_pid % SHARDS
         if self._last_events:
             keys = sorted(self._last_events)
             self.connection.execute(
-                "INSERT INTO last_events SELECT * FROM unnest(%s::bigint[], %s::text[],"
-                " %s::float8[]) ON CONFLICT (account, service)"
+                "INSERT INTO last_events (account, service, at, shard)"
+                " SELECT *, %s FROM unnest(%s::bigint[], %s::text[], %s::float8[])"
+                " ON CONFLICT (account, service, shard)"
                 " DO UPDATE SET at = greatest(last_events.at, excluded.at)",
-                ([k[0] for k in keys], [k[1] for k in keys], [self._last_events[k] for k in keys]),
+                (shard, *_columns(keys, 2), [self._last_events[k] for k in keys]),
             )
         if self._active:
             keys_a = sorted(self._active)
             self.connection.execute(
-                "INSERT INTO active_legs SELECT * FROM unnest(%s::bigint[], %s::text[],"
-                " %s::text[], %s::text[], %s::bigint[])"
-                " ON CONFLICT (account, service, direction, extension)"
+                "INSERT INTO active_legs (account, service, direction, extension, count, shard)"
+                " SELECT *, %s FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[],"
+                " %s::bigint[]) ON CONFLICT (account, service, direction, extension, shard)"
                 " DO UPDATE SET count = active_legs.count + excluded.count",
-                (*_columns(keys_a, 4), [self._active[k] for k in keys_a]),
+                (shard, *_columns(keys_a, 4), [self._active[k] for k in keys_a]),
             )
         if self._counters:
             keys_c = sorted(self._counters)
             self.connection.execute(
-                "INSERT INTO counters SELECT * FROM unnest(%s::text[], %s::text[], %s::float8[])"
-                " ON CONFLICT (kind, labels) DO UPDATE SET value = counters.value + excluded.value",
-                (*_columns(keys_c, 2), [self._counters[k] for k in keys_c]),
+                "INSERT INTO counters (kind, labels, value, shard)"
+                " SELECT *, %s FROM unnest(%s::text[], %s::text[], %s::float8[])"
+                " ON CONFLICT (kind, labels, shard)"
+                " DO UPDATE SET value = counters.value + excluded.value",
+                (shard, *_columns(keys_c, 2), [self._counters[k] for k in keys_c]),
             )
         if self._timings:
             keys_t = sorted(self._timings)
             self.connection.execute(
-                "INSERT INTO timings SELECT * FROM unnest(%s::text[], %s::text[], %s::float8[],"
-                " %s::bigint[], %s::float8[]) ON CONFLICT (kind, labels, bucket) DO UPDATE"
+                "INSERT INTO timings (kind, labels, bucket, count, total, shard)"
+                " SELECT *, %s FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bigint[],"
+                " %s::float8[]) ON CONFLICT (kind, labels, bucket, shard) DO UPDATE"
                 " SET count = timings.count + excluded.count,"
                 " total = timings.total + excluded.total",
                 (
+                    shard,
                     *_columns(keys_t, 3),
                     [self._timings[k][0] for k in keys_t],
                     [self._timings[k][1] for k in keys_t],
@@ -540,12 +564,15 @@ def _schema_version(connection: psycopg.Connection[Any]) -> str | None:
 
 def _read_snapshot(connection: psycopg.Connection[Any]) -> StoreSnapshot:
     counters: dict[TallyKind, dict[tuple[str, ...], float]] = {}
-    for kind, labels, value in connection.execute("SELECT kind, labels, value FROM counters"):
+    for kind, labels, value in connection.execute(
+        "SELECT kind, labels, sum(value) FROM counters GROUP BY kind, labels"
+    ):
         counters.setdefault(TallyKind(kind), {})[_labels(labels)] = value
     buckets: dict[tuple[TallyKind, str], dict[float, int]] = {}
     totals: dict[tuple[TallyKind, str], float] = {}
     for kind, labels, bucket, count, total in connection.execute(
-        "SELECT kind, labels, bucket, count, total FROM timings ORDER BY kind, labels, bucket"
+        "SELECT kind, labels, bucket, sum(count)::bigint, sum(total) FROM timings"
+        " GROUP BY kind, labels, bucket ORDER BY kind, labels, bucket"
     ):
         key = (TallyKind(kind), labels)
         buckets.setdefault(key, {})[bucket] = count
@@ -553,13 +580,14 @@ def _read_snapshot(connection: psycopg.Connection[Any]) -> StoreSnapshot:
     active = {
         LegLabels(account, Service(service), Direction(direction), extension): count
         for account, service, direction, extension, count in connection.execute(
-            "SELECT account, service, direction, extension, count FROM active_legs"
+            "SELECT account, service, direction, extension, sum(count)::bigint FROM active_legs"
+            " GROUP BY account, service, direction, extension"
         )
     }
     last_events = {
         (account, Service(service)): at
         for account, service, at in connection.execute(
-            "SELECT account, service, at FROM last_events"
+            "SELECT account, service, max(at) FROM last_events GROUP BY account, service"
         )
     }
     return StoreSnapshot(
