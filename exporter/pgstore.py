@@ -140,7 +140,9 @@ class PostgresCallStore:
         self._statement_timeout_ms = max(1, round(statement_timeout * 1000))
         self._owner_pid = os.getpid()
         self._closed = False
-        self._party_key = b""
+        # Over a connection of its own, so that a wrong URL, password or database name is
+        # reported as libpq words it, not as a pool waiting in vain.
+        self._party_key = self._initialise(url)
         self._pool = ConnectionPool(
             url,
             min_size=1,
@@ -154,11 +156,6 @@ class PostgresCallStore:
             name="mcn-exporter",
             open=True,
         )
-        try:
-            self._initialise()
-        except BaseException:
-            self._pool.close()
-            raise
 
     # -- CallStore -----------------------------------------------------------------------------
 
@@ -248,9 +245,19 @@ class PostgresCallStore:
             (str(self._statement_timeout_ms), str(2 * self._statement_timeout_ms)),
         )
 
-    def _initialise(self) -> None:
-        """Creates the schema unless it exists; refuses a schema of another version untouched."""
-        with self._begun("BEGIN") as connection:
+    def _initialise(self, url: str) -> bytes:
+        """Creates the schema unless it exists, refusing one of another version untouched;
+        returns the key of the party digests."""
+        try:
+            with psycopg.connect(url, **self._connection_options()) as connection:
+                self._configure(connection)
+                meta = self._create_schema(connection)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"PostgreSQL: {exc}") from exc
+        return bytes.fromhex(meta["party_key"])
+
+    def _create_schema(self, connection: psycopg.Connection[Any]) -> dict[str, str]:
+        with connection.transaction():
             # Replicas starting together would otherwise race on CREATE TABLE IF NOT EXISTS.
             connection.execute("SELECT pg_advisory_xact_lock(%s, 0)", (SCHEMA_LOCK,))
             version = _schema_version(connection)
@@ -267,9 +274,7 @@ class PostgresCallStore:
                 " ON CONFLICT DO NOTHING",
                 (SCHEMA_VERSION, secrets.token_hex(16)),
             )
-            meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-            connection.execute("COMMIT")
-        self._party_key = bytes.fromhex(meta["party_key"])
+            return dict(connection.execute("SELECT key, value FROM meta").fetchall())
 
     @contextmanager
     def _begun(self, begin: str) -> Iterator[psycopg.Connection[Any]]:

@@ -498,6 +498,12 @@ def test_a_newer_schema_is_refused_before_anything_is_written(postgres_url: str)
 
 
 @pytest.mark.postgresql
+def test_a_missing_database_is_named(postgres_cluster: PgCluster) -> None:
+    with pytest.raises(StoreUnavailable, match='database "nowhere" does not exist'):
+        open_postgres(postgres_cluster.url("nowhere"))()
+
+
+@pytest.mark.postgresql
 def test_an_unreachable_server_is_refused_promptly() -> None:
     began = time.monotonic()
     with pytest.raises(StoreUnavailable):
