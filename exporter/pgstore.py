@@ -11,14 +11,15 @@ Locking, so that replicas never both act on one leg:
   handled one after the other, and the second sees the leg the first opened; legs without a
   call_id are taken FIFO by one transaction at a time.
 - Expiry and cleanup lock the legs they change `FOR UPDATE SKIP LOCKED`: a leg an event holds
-  is left to that event (which expires it itself if it is overdue); one closed by another
-  replica's expiry is no longer open. Each leg expires once, and neither ever waits on the other.
+  is left to that event (which expires it itself if it is overdue), and one another replica's
+  expiry holds or closed is not taken again. Each leg expires once; expiry never waits for legs.
 - An extension's admission takes an advisory lock per account, so the limit holds across
   replicas.
-- Totals (counters, timings, active legs, last events) are shared rows every event updates.
-  They are accumulated during the transaction and written at its end with
-  `INSERT ... ON CONFLICT DO UPDATE SET value = value + excluded.value`, in one fixed order: the
-  rows are locked only until COMMIT, and two transactions can never wait on each other for them.
+- Totals (counters, timings, active legs, last events) are accumulated during the transaction
+  and written at its end with `INSERT ... ON CONFLICT DO UPDATE SET value = value + excluded.value`,
+  tables in one fixed order and rows in key order, so two transactions never wait on each other
+  in a cycle. Each total is kept in SHARDS rows, one per connection's shard, summed when read:
+  concurrent events then lock different rows and their commits can share a WAL flush.
 """
 
 from __future__ import annotations
