@@ -389,6 +389,62 @@ def test_extension_limit_holds_across_stores_admitting_at_once(open_store: OpenS
     assert len(admitted) == 3
 
 
+def call_lives(count: int) -> list[list[CallEvent]]:
+    """Calls that touch no leg of another: their own call_id, or an extension of their own."""
+    lives = []
+    for n in range(count):
+        call_id, abon = f"call-{n}", str(200 + n)
+        lives.append(
+            [
+                [
+                    event("onInCallingStart", call_id),
+                    event("onInCallingAnswered", call_id),
+                    event("onInCallingEnd", call_id, billsec=20),
+                ],
+                [event("onInCallingStart", call_id), event("onInCallingMissed", call_id)],
+                [
+                    event("onInCallingStart", None, abon=abon),
+                    event("onInCallingEnd", None, abon=abon, billsec=0),
+                ],
+                [event("onOutCallingEnd", call_id, abon=abon, billsec=5)],  # its start was lost
+            ][n % 4]
+        )
+    return lives
+
+
+def test_calls_handled_at_once_by_several_stores_leave_the_totals_of_one_after_another(
+    open_store: OpenStore, clock: FakeClock, tmp_path: Path
+) -> None:
+    # Each event once or twice (a retry), to either store, each call's events in order.
+    lives = [
+        [copy for one in life for copy in [one] * (1 + (n + len(one.event_type)) % 2)]
+        for n, life in enumerate(call_lives(24))
+    ]
+    stores = [open_store(), open_store()]
+    trackers = [CallTracker(store, TrackerSettings(), clock) for store in stores]
+
+    def live(n: int, life: list[CallEvent]) -> Callable[[], None]:
+        def run() -> None:
+            for step, one in enumerate(life):
+                trackers[(n + step) % 2].on_event(one)
+
+        return run
+
+    in_parallel([live(n, life) for n, life in enumerate(lives)])
+
+    reference = SqliteCallStore(tmp_path / "reference.sqlite3", LAYOUT)
+    one_after_another = CallTracker(reference, TrackerSettings(), clock)
+    for life in lives:
+        for one in life:
+            one_after_another.on_event(one)
+    expected = reference.snapshot()
+    reference.close()
+    assert normalised(stores[0].snapshot()) == normalised(expected)
+    assert sum(expected.counters[TallyKind.STARTED].values()) == 18
+    assert sum(expected.counters[TallyKind.UNMATCHED].values()) == 6
+    assert set(expected.active.values()) == {0}
+
+
 # -- PostgreSQL only -------------------------------------------------------------------------
 
 SEQUENCE = [
