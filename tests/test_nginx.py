@@ -9,6 +9,7 @@ shipped config allows /metrics from 127.0.0.1 only.
 from __future__ import annotations
 
 import http.client
+import http.server
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,7 +132,7 @@ def render_main(site: Path, directory: Path) -> str:
 @dataclass
 class Nginx:
     directory: Path
-    exporter: ServerProcess
+    upstream_port: int
     tls: Tls
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
@@ -139,7 +141,7 @@ class Nginx:
         if not NGINX.exists():
             pytest.fail(f"{NGINX} is missing: run scripts/install-system-deps (Debian's nginx)")
         site = self.directory / "mcn-exporter.conf"
-        site.write_text(render_site(self.port, self.exporter.port, self.tls, self.directory))
+        site.write_text(render_site(self.port, self.upstream_port, self.tls, self.directory))
         main = self.directory / "nginx.conf"
         main.write_text(render_main(site, self.directory))
         directives = f"daemon off; pid {self.directory / 'nginx.pid'}; error_log {self.error_log};"
@@ -213,21 +215,33 @@ class Nginx:
 
 
 @pytest.fixture
-def nginx(tmp_path: Path, start_server: Callable[..., ServerProcess]) -> Iterator[Nginx]:
-    """nginx on a free port with the shipped config, in front of a 2-worker exporter."""
+def start_nginx(tmp_path: Path) -> Iterator[Callable[[int], Nginx]]:
+    """nginx on a free port with the shipped config, in front of the given upstream port."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
     if soft < wanted:  # 200 slow clients, and nginx (which inherits it) holds two sockets each
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    exporter = start_server(workers=2)
-    directory = tmp_path / "nginx"
-    directory.mkdir()
-    proxy = Nginx(directory, exporter, make_certificate(directory))
-    proxy.start()
-    yield proxy
-    proxy.stop()
+    started: list[Nginx] = []
+
+    def start(upstream_port: int) -> Nginx:
+        directory = tmp_path / "nginx"
+        directory.mkdir()
+        proxy = Nginx(directory, upstream_port, make_certificate(directory))
+        started.append(proxy)
+        proxy.start()
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
     if soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture
+def nginx(start_nginx: Callable[[int], Nginx], start_server: Callable[..., ServerProcess]) -> Nginx:
+    """The shipped config in front of a real exporter with its default two workers."""
+    return start_nginx(start_server(workers=2).port)
 
 
 _call_numbers = iter(range(1_000_000))
@@ -377,6 +391,77 @@ def test_a_flood_from_one_address_is_limited(nginx: Nginx) -> None:
     assert statuses[0] == b"403"
     assert b"429" in statuses
     assert set(statuses) == {b"403", b"429"}
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+
+
+class RecordingUpstream(http.server.ThreadingHTTPServer):
+    """Stands where the exporter would, to show what nginx passes on and when."""
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        super().__init__(("127.0.0.1", 0), RecordingHandler)
+
+
+class RecordingHandler(http.server.BaseHTTPRequestHandler):
+    server: RecordingUpstream
+
+    def do_POST(self) -> None:
+        # noted on the headers' arrival, before the body is read
+        received = Received(dict(self.headers.items()), b"")
+        self.server.received.append(received)
+        received.body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Length", "15")
+        self.end_headers()
+        self.wfile.write(b'{"status":"ok"}')
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # quiet test output
+
+
+@pytest.fixture
+def recording_upstream() -> Iterator[RecordingUpstream]:
+    upstream = RecordingUpstream()
+    thread = threading.Thread(target=upstream.serve_forever, daemon=True)
+    thread.start()
+    yield upstream
+    upstream.shutdown()
+    upstream.server_close()
+
+
+def test_nginx_passes_on_whole_requests_with_the_real_client_address(
+    start_nginx: Callable[[int], Nginx], recording_upstream: RecordingUpstream
+) -> None:
+    nginx = start_nginx(recording_upstream.server_address[1])
+    body = start_event()
+    head = (
+        b"POST /webhook HTTP/1.1\r\nHost: mcn.example\r\nContent-Length: %d\r\n"
+        b"X-Forwarded-For: 203.0.113.9\r\nX-Real-IP: 203.0.113.9\r\n\r\n" % len(body)
+    )
+    with nginx.tls.client_context().wrap_socket(
+        socket.create_connection(("127.0.0.1", nginx.port), 30, (OUTSIDER, 0)),
+        server_hostname="127.0.0.1",
+    ) as sock:
+        sock.sendall(head + body[:10])
+        time.sleep(1.0)
+        # request buffering: nothing reaches the upstream while the body is incomplete
+        assert recording_upstream.received == []
+        sock.sendall(body[10:])
+        answer = sock.recv(65536)
+
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    [request] = recording_upstream.received
+    assert request.body == body
+    # what a client claims is replaced by the address nginx saw
+    assert request.headers["X-Forwarded-For"] == OUTSIDER
+    assert request.headers["X-Real-IP"] == OUTSIDER
+    assert request.headers["X-Forwarded-Proto"] == "https"
+    assert request.headers["Host"] == "mcn.example"
 
 
 # -- slow clients -----------------------------------------------------------------------------
