@@ -344,6 +344,46 @@ def test_an_oversized_body_is_refused_by_nginx_before_the_exporter(nginx: Nginx)
     assert set(counts.values()) == {0}
 
 
+def raw_exchange(nginx: Nginx, request: bytes, source: str = OUTSIDER) -> bytes:
+    """Bytes over TLS as they are, and all nginx answers until it closes."""
+    with nginx.tls.client_context().wrap_socket(
+        socket.create_connection(("127.0.0.1", nginx.port), 30, (source, 0)),
+        server_hostname="127.0.0.1",
+    ) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_a_body_announced_too_large_is_refused_before_it_is_sent(nginx: Nginx) -> None:
+    answer = raw_exchange(
+        nginx,
+        b"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000000\r\n"
+        b"Expect: 100-continue\r\n\r\n",
+    )
+    # no "100 Continue" first, and the connection closed with the refusal
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b"Connection: close" in answer
+    assert answer.endswith(b'"too_large","error":"body is over 65536 bytes"}\n')
+
+
+def test_requests_too_broken_for_http_are_refused_by_nginx(nginx: Nginx) -> None:
+    long_path = b"/webhook?" + b"x" * 9000
+    huge_header = b"X-Padding: " + b"x" * 9000 + b"\r\n"
+    for request, status in (
+        (b"POST " + long_path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"414"),
+        (b"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\n" + huge_header + b"\r\n", b"400"),
+        (b"POST /webhook HTTP/1.1\r\n\r\n", b"400"),  # no Host
+        (b"BREW /webhook HTCPCP/1.0\r\n\r\n", b"400"),
+    ):
+        answer = raw_exchange(nginx, request)
+        assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
+
+    assert set(rejected(nginx.samples()).values()) == {0}
+
+
 def test_plain_http_to_the_tls_port_is_refused(nginx: Nginx) -> None:
     body = start_event()
     with socket.create_connection(("127.0.0.1", nginx.port), timeout=30) as sock:
@@ -376,16 +416,12 @@ def test_a_client_holding_many_requests_open_is_limited(nginx: Nginx) -> None:
 
 def test_a_flood_from_one_address_is_limited(nginx: Nginx) -> None:
     """limit_req: past its burst, requests from one address get 429 (nginx stops counting)."""
-    with nginx.tls.client_context().wrap_socket(
-        socket.create_connection(("127.0.0.1", nginx.port), 30, (OUTSIDER, 0)),
-        server_hostname="127.0.0.1",
-    ) as sock:
-        # pipelined on one connection: nginx meets them all within a fraction of a second
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 300)
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        answers = b""
-        while chunk := sock.recv(65536):
-            answers += chunk
+    # pipelined on one connection: nginx meets them all within a fraction of a second
+    answers = raw_exchange(
+        nginx,
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 300
+        + b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
 
     statuses = re.findall(rb"^HTTP/1\.1 (\d{3}) ", answers, re.MULTILINE)
     assert statuses[0] == b"403"
