@@ -15,11 +15,13 @@ import os
 import re
 import resource
 import selectors
+import shutil
 import socket
 import ssl
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,8 @@ class Tls:
 
 def make_certificate(directory: Path) -> Tls:
     """A self-signed certificate for 127.0.0.1, so clients verify it as they would a real one."""
+    if not shutil.which("openssl"):
+        pytest.fail("openssl is missing: run scripts/install-system-deps")
     tls = Tls(directory / "cert.pem", directory / "key.pem")
     subprocess.run(
         [
@@ -295,6 +299,36 @@ def test_a_webhook_over_tls_reaches_the_exporter_and_counts(nginx: Nginx) -> Non
     assert set(rejected(samples).values()) == {0}
 
 
+def tls_handshake(nginx: Nginx, version: ssl.TLSVersion, ciphers: str) -> str:
+    """Our client offers only this version and ciphers (old ones allowed); nginx chooses."""
+    context = nginx.tls.client_context()
+    context.set_ciphers(f"{ciphers}:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0 and 1.1, on purpose
+        context.minimum_version = context.maximum_version = version
+    try:
+        with context.wrap_socket(
+            socket.create_connection(("127.0.0.1", nginx.port), 30),
+            server_hostname="127.0.0.1",
+        ) as sock:
+            return f"{sock.version()} {sock.cipher()[0]}"  # type: ignore[index]
+    except ssl.SSLError as error:
+        return f"refused: {error.reason}"
+
+
+def test_tls_offers_modern_protocols_and_ciphers_only(nginx: Nginx) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1)
+    for version in old:
+        assert tls_handshake(nginx, version, "ALL") == "refused: TLSV1_ALERT_PROTOCOL_VERSION"
+    # CBC without AEAD, and no forward secrecy: refused even on TLS 1.2
+    for cipher in ("ECDHE-ECDSA-AES128-SHA", "AES128-GCM-SHA256"):
+        assert tls_handshake(nginx, ssl.TLSVersion.TLSv1_2, cipher).startswith("refused")
+    assert tls_handshake(nginx, ssl.TLSVersion.TLSv1_2, "ALL").startswith("TLSv1.2 ECDHE-")
+    assert tls_handshake(nginx, ssl.TLSVersion.TLSv1_3, "ALL").startswith("TLSv1.3 ")
+
+
 def test_only_post_webhook_is_public(nginx: Nginx) -> None:
     for method in ("GET", "HEAD", "PUT", "DELETE"):
         status, headers, _ = nginx.request(method, "/webhook", source=OUTSIDER)
@@ -342,6 +376,15 @@ def test_an_oversized_body_is_refused_by_nginx_before_the_exporter(nginx: Nginx)
     counts = rejected(nginx.samples())
     assert counts.pop("invalid") == 1
     assert set(counts.values()) == {0}
+
+
+def test_an_exporter_down_is_a_503_to_retry(start_nginx: Callable[[int], Nginx]) -> None:
+    nginx = start_nginx(free_port())  # nothing listens there
+
+    status, headers, body = nginx.request("POST", "/webhook", start_event())
+
+    assert (status, headers["Retry-After"]) == (503, "5")
+    assert json.loads(body)["reason"] == "exporter_unavailable"
 
 
 def raw_exchange(nginx: Nginx, request: bytes, source: str = OUTSIDER) -> bytes:
