@@ -330,9 +330,12 @@ def test_tls_offers_modern_protocols_and_ciphers_only(nginx: Nginx) -> None:
 
 
 def test_only_post_webhook_is_public(nginx: Nginx) -> None:
-    for method in ("GET", "HEAD", "PUT", "DELETE"):
-        status, headers, _ = nginx.request(method, "/webhook", source=OUTSIDER)
+    for method in ("GET", "PUT", "DELETE"):
+        status, headers, body = nginx.request(method, "/webhook", source=OUTSIDER)
         assert (status, headers["Allow"]) == (405, "POST"), method
+        assert json.loads(body)["reason"] == "method_not_allowed"
+    status, headers, _ = nginx.request("HEAD", "/webhook", source=OUTSIDER)
+    assert (status, headers["Allow"]) == (405, "POST")
     for path in ("/metrics", "/healthz", "/readyz"):
         status, _, body = nginx.request("GET", path, source=OUTSIDER)
         assert (status, json.loads(body)["reason"]) == (403, "forbidden"), path
@@ -470,6 +473,7 @@ def test_a_flood_from_one_address_is_limited(nginx: Nginx) -> None:
     assert statuses[0] == b"403"
     assert b"429" in statuses
     assert set(statuses) == {b"403", b"429"}
+    assert b"Retry-After: 1\r\n" in answers
 
 
 @dataclass
