@@ -278,6 +278,37 @@ def deliveries(samples: Samples) -> float:
 # -- what is public and what is not -----------------------------------------------------------
 
 
+def test_the_shipped_file_loads_into_debians_own_nginx_conf(tmp_path: Path) -> None:
+    """Installed as the header says, in conf.d/ next to Debian's default site, it passes -t."""
+    debian = Path("/etc/nginx")
+    if not (debian / "nginx.conf").exists():
+        pytest.fail(f"{debian}/nginx.conf is missing: run scripts/install-system-deps")
+    etc = tmp_path / "etc-nginx"
+    shutil.copytree(debian, etc, symlinks=False)
+    tls = make_certificate(tmp_path)
+    (etc / "conf.d" / "mcn-exporter.conf").write_text(
+        render_site(443, 9880, tls, tmp_path)  # port 443 as shipped: -t binds nothing
+    )
+    main = etc / "nginx.conf"
+    main.write_text(
+        main.read_text()
+        .replace("/etc/nginx/", f"{etc}/")
+        .replace("/var/log/nginx/", f"{tmp_path}/")
+        .replace("/run/nginx.pid", f"{tmp_path}/nginx.pid")
+    )
+
+    checked = subprocess.run(
+        [str(NGINX), "-t", "-p", str(tmp_path), "-c", str(main)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert checked.returncode == 0, checked.stderr
+    assert "test is successful" in checked.stderr
+
+
 def test_a_webhook_over_tls_reaches_the_exporter_and_counts(nginx: Nginx) -> None:
     status, headers, body = nginx.request("POST", "/webhook", start_event(), source=OUTSIDER)
 
