@@ -243,9 +243,13 @@ def start_nginx(tmp_path: Path) -> Iterator[Callable[[int], Nginx]]:
 
 
 @pytest.fixture
-def nginx(start_nginx: Callable[[int], Nginx], start_server: Callable[..., ServerProcess]) -> Nginx:
+def nginx(
+    start_nginx: Callable[[int], Nginx], start_server: Callable[..., ServerProcess]
+) -> Iterator[Nginx]:
     """The shipped config in front of a real exporter with its default two workers."""
-    return start_nginx(start_server(workers=2).port)
+    exporter = start_server(workers=2)
+    yield start_nginx(exporter.port)
+    exporter.stop()  # drained, workers and all, rather than killed at teardown
 
 
 _call_numbers = iter(range(1_000_000))
