@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from exporter.metrics import REJECTION_REASONS
 from tests.conftest import ACCOUNT, SECRET, Samples, ServerProcess, call_totals
 
 pytestmark = pytest.mark.server
@@ -61,7 +62,7 @@ def assert_matches_truth(samples: Samples, truth: dict[str, Any]) -> None:
     rightly counted twice by mcn_webhook_events_total, and by nothing else. Talk-time sums are
     known only where every end carried billsec, so only those are expected.
     """
-    assert not any(samples.get("mcn_webhook_rejected_total", {}).values())
+    assert_no_rejections(samples)
     checked = 0
     for name, expected_samples in truth["samples"].items():
         expected = {
@@ -80,6 +81,12 @@ def assert_matches_truth(samples: Samples, truth: dict[str, Any]) -> None:
             assert shown == expected, name
         checked += sum(expected.values())
     assert checked > 0
+
+
+def assert_no_rejections(samples: Samples) -> None:
+    """Every reason's series is shown, at zero: a missing series would also read as none."""
+    rejected = samples.get("mcn_webhook_rejected_total", {})
+    assert rejected == {(("reason", reason),): 0.0 for reason in REJECTION_REASONS}
 
 
 def events_delivered(server: ServerProcess) -> float:
