@@ -118,7 +118,7 @@ def test_a_worker_killed_midway_loses_no_call(start_server: StartServer) -> None
         victim = server.worker_pids()[0]
         os.kill(victim, signal.SIGKILL)
         killed.append(victim)
-        wait_for_workers(server, 3, excluding=killed)
+        server.wait_for_workers(3, excluding=killed)
 
     stdout, stderr = simulate.communicate(timeout=600)
     assert simulate.returncode == 0, stderr.decode()
@@ -146,16 +146,6 @@ def test_a_restart_midway_loses_no_call(start_server: StartServer) -> None:
     assert truth["events"] >= 5000
     assert truth["retries"] > 0  # deliveries during the restart were refused, then resent
     assert_matches_truth(server.samples(), truth)
-
-
-def wait_for_workers(server: ServerProcess, count: int, excluding: list[int]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        pids = server.worker_pids()
-        if len(pids) == count and not set(pids) & set(excluding):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"gunicorn did not respawn workers: {server.worker_pids()}")
 
 
 def test_calls_open_across_a_restart_stay_active_and_their_talk_time_spans_it(
