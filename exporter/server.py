@@ -146,7 +146,7 @@ class StopLoggingArbiter(Arbiter):  # type: ignore[misc]
                     self.cfg.graceful_timeout,
                 )
             else:
-                log.info("stopping now: requests in flight are cut short")
+                log.info("stopping now: workers quit without draining")
         super().stop(graceful)
 
 
