@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -36,36 +36,48 @@ def wait_for_events(server: ServerProcess, count: int) -> None:
         time.sleep(0.05)
 
 
+@contextmanager
+def simulation(server: ServerProcess, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`simulate` running in the background, stopped if the test fails before it ends."""
+    simulate = start_simulate(server, *args)
+    try:
+        yield simulate
+    finally:
+        if simulate.poll() is None:
+            simulate.kill()
+            simulate.wait()
+
+
 @pytest.mark.server
 def test_worker_exits_on_term_hup_ttin_and_ttou_keep_it_serving_with_exact_totals(
     start_server: StartServer,
 ) -> None:
     server = start_server(workers=3, extensions=EXTENSIONS)
     assert server.process is not None
-    simulate = start_simulate(
+    with simulation(
         server, "--calls", "3000", "--concurrency", "32", "--pace", "0.02", "--rate", "500"
-    )
-    gone: list[int] = []
+    ) as simulate:
+        gone: list[int] = []
 
-    wait_for_events(server, 1000)
-    victim = server.worker_pids()[0]
-    os.kill(victim, signal.SIGTERM)  # one worker asked to leave, as an operator may
-    gone.append(victim)
-    server.wait_for_workers(3, excluding=gone)
+        wait_for_events(server, 1000)
+        victim = server.worker_pids()[0]
+        os.kill(victim, signal.SIGTERM)  # one worker asked to leave, as an operator may
+        gone.append(victim)
+        server.wait_for_workers(3, excluding=gone)
 
-    wait_for_events(server, 2500)
-    gone += server.worker_pids()
-    server.signal_master(signal.SIGHUP)  # a reload: every worker replaced
-    server.wait_for_workers(3, excluding=gone)
+        wait_for_events(server, 2500)
+        gone += server.worker_pids()
+        server.signal_master(signal.SIGHUP)  # a reload: every worker replaced
+        server.wait_for_workers(3, excluding=gone)
 
-    wait_for_events(server, 4000)
-    server.signal_master(signal.SIGTTIN)
-    server.wait_for_workers(4)
-    server.signal_master(signal.SIGTTOU)
-    server.wait_for_workers(3)
-    assert simulate.poll() is None  # all of it happened under traffic
+        wait_for_events(server, 4000)
+        server.signal_master(signal.SIGTTIN)
+        server.wait_for_workers(4)
+        server.signal_master(signal.SIGTTOU)
+        server.wait_for_workers(3)
+        assert simulate.poll() is None  # all of it happened under traffic
 
-    stdout, stderr = simulate.communicate(timeout=600)
+        stdout, stderr = simulate.communicate(timeout=600)
     assert simulate.returncode == 0, stderr.decode()
     assert server.process.poll() is None, server.log()
     assert server.get("/healthz")[0] == 200
@@ -123,6 +135,18 @@ def is_gone(pid: int) -> bool:
     return "\nState:\tZ" in status
 
 
+@contextmanager
+def orphans_killed(pids: list[int]) -> Iterator[None]:
+    """Whatever the test's outcome, the workers it orphaned do not outlive it."""
+    try:
+        yield
+    finally:
+        for pid in pids:
+            if not is_gone(pid):
+                with suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.server
 def test_workers_die_with_a_killed_master_and_a_restart_binds_the_port_at_once(
     start_server: StartServer,
@@ -130,7 +154,7 @@ def test_workers_die_with_a_killed_master_and_a_restart_binds_the_port_at_once(
     server = start_server(workers=2)
     assert server.process is not None
     workers = server.worker_pids()
-    with KeepAliveClients(server.port, count=4).running() as clients:
+    with orphans_killed(workers), KeepAliveClients(server.port, count=4).running() as clients:
         deadline = time.monotonic() + 60
         while clients.answered < 200 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -243,7 +267,11 @@ def test_a_store_path_that_is_a_directory_stops_start_up_with_one_line(
 
 @pytest.mark.server
 @pytest.mark.parametrize(
-    ("sig", "first_line"), [(signal.SIGTERM, "draining"), (signal.SIGINT, "stopping now")]
+    ("sig", "first_line"),
+    [
+        pytest.param(signal.SIGTERM, "draining", id="TERM"),
+        pytest.param(signal.SIGINT, "stopping now", id="INT"),
+    ],
 )
 def test_the_master_logs_when_it_starts_stopping_and_when_it_has_stopped(
     start_server: StartServer, sig: int, first_line: str
