@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -306,3 +307,32 @@ def test_a_worker_leaving_closes_its_store(tmp_path: Path) -> None:
 
     with pytest.raises(StoreUnavailable):
         deps.store.ping()
+
+
+ORPHAN = """
+import os, sys, time, types
+from exporter.server import _watch_parent, tie_to_master
+pid = os.fork()
+if pid == 0:
+    if sys.argv[1] == "hook":
+        tie_to_master(None, types.SimpleNamespace(ppid=os.getppid()))
+    else:
+        _watch_parent(os.getppid())
+    time.sleep(120)
+    os._exit(0)
+print(pid, flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["hook", "watch"])
+def test_a_process_tied_to_its_parent_dies_with_it(how: str) -> None:
+    """The post_fork hook (the kernel's parent-death signal), and the watch used without it."""
+    parent = subprocess.run(
+        [sys.executable, "-c", ORPHAN, how], capture_output=True, text=True, timeout=60, check=True
+    )
+    child = int(parent.stdout)
+    with orphans_killed([child]):
+        deadline = time.monotonic() + 30
+        while not is_gone(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert is_gone(child)
