@@ -115,6 +115,7 @@ class ExporterApplication(BaseApplication):  # type: ignore[misc]
         # settings, so a reload restarts the workers on the config read at start.
         for key, value in self._options.items():
             self.cfg.set(key, value)
+        self.cfg.set("on_reload", _log_reload)
         self.cfg.set("post_fork", tie_to_master)
         self.cfg.set("worker_exit", self._close_store)
 
@@ -148,6 +149,10 @@ class StopLoggingArbiter(Arbiter):  # type: ignore[misc]
             else:
                 log.info("stopping now: workers quit without draining")
         super().stop(graceful)
+
+
+def _log_reload(server: Any) -> None:
+    log.info("reloading: replacing the workers, on the config read at start")
 
 
 def tie_to_master(server: Any, worker: Any) -> None:

@@ -86,6 +86,7 @@ def test_worker_exits_on_term_hup_ttin_and_ttou_keep_it_serving_with_exact_total
     assert truth["events"] >= 5000
     assert_matches_truth(server.samples(), truth)
     assert "Worker failed to boot" not in server.log()
+    assert "INFO exporter.server: reloading: replacing the workers" in server.log()
 
 
 class KeepAliveClients:
