@@ -161,8 +161,8 @@ def tie_to_master(server: Any, worker: Any) -> None:
     A worker outliving a killed master keeps serving and holds the port, so the restart that
     follows cannot bind it. The kernel kills the worker instead, like a killed worker, which
     loses nothing acknowledged (a change is committed before it is answered). The kernel's
-    signal follows the thread that forked: gunicorn forks from its main thread only (with its
-    control socket off), so the signal means the master is gone.
+    signal follows the thread that forked: gunicorn forks its workers from its main thread
+    only, so the signal means the master is gone.
     """
     if not _kill_on_parent_death():
         threading.Thread(target=_watch_parent, args=(worker.ppid,), daemon=True).start()
