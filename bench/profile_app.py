@@ -83,9 +83,9 @@ def drive(app: WsgiApp, bodies: list[bytes]) -> float:
 def inprocess(events: int, profiler: str | None) -> None:
     from noop_server import create_app as create_noop
 
-    from exporter.app import build_deps, create_app
+    from exporter.app import create_app
     from exporter.config import load_config
-    from exporter.server import initialise_store
+    from exporter.startup import build_deps, initialise_store
 
     workdir = Path(tempfile.mkdtemp(prefix="mcn-bench-profile-"))
     try:
@@ -182,10 +182,10 @@ def statement_key(sql: str) -> str:
 
 
 def breakdown(events: int) -> None:
-    from exporter.app import build_deps, create_app
+    from exporter.app import create_app
     from exporter.config import load_config
     from exporter.events import WebhookParser
-    from exporter.server import initialise_store
+    from exporter.startup import build_deps, initialise_store
 
     workdir = Path(tempfile.mkdtemp(prefix="mcn-bench-breakdown-"))
     try:

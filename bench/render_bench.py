@@ -39,8 +39,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from exporter.app import build_deps, create_app
+from exporter.app import create_app
 from exporter.config import load_config
+from exporter.startup import build_deps
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 

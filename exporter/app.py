@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import html
 import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import falcon
 
 from exporter import __version__
-from exporter.calls import CallTracker, Clock, TrackerSettings
+from exporter.calls import CallTracker
 from exporter.config import Config
 from exporter.events import MALFORMED, TOO_LARGE, Rejection, WebhookParser
-from exporter.legs import TallyLayout
-from exporter.metrics import RejectionCounter, Scrape, build_metrics
-from exporter.store import CallStore, SqliteCallStore, StoreUnavailable
+from exporter.metrics import RejectionCounter, Scrape
+from exporter.store import CallStore, StoreUnavailable
 
 log = logging.getLogger("exporter.http")
 
@@ -41,34 +38,6 @@ class Deps:
     store: CallStore
     rejections: RejectionCounter
     scrape: Scrape
-
-
-def build_deps(
-    config: Config, clock: Clock = time.time, multiprocess_dir: str | None = None
-) -> Deps:
-    store = SqliteCallStore(Path(config.store.path), tally_layout(config))
-    rejections, scrape = build_metrics(store, config, multiprocess_dir)
-    settings = TrackerSettings(
-        max_duration=config.calls.max_duration,
-        duplicate_window=config.calls.duplicate_window,
-        max_extensions=config.limits.max_extensions,
-    )
-    return Deps(
-        config=config,
-        parser=WebhookParser(config.secrets()),
-        tracker=CallTracker(store, settings, clock),
-        store=store,
-        rejections=rejections,
-        scrape=scrape,
-    )
-
-
-def tally_layout(config: Config) -> TallyLayout:
-    return TallyLayout(
-        ring_buckets=config.metrics.ring_buckets,
-        talk_buckets=config.metrics.talk_buckets,
-        timings_by_extension=config.metrics.histogram_extension_label,
-    )
 
 
 def create_app(deps: Deps) -> falcon.App[falcon.Request, falcon.Response]:

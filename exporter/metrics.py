@@ -191,7 +191,10 @@ class WorkerFilesCollector(Collector):
         self._path = path
 
     def collect(self) -> Iterable[Metric]:
-        files = glob.glob(os.path.join(self._path, "*.db"))
+        # Only files: anything else named *.db was reported, and left alone, at start-up.
+        files = [
+            name for name in glob.glob(os.path.join(self._path, "*.db")) if os.path.isfile(name)
+        ]
         try:
             merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)
         except Exception:

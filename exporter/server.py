@@ -1,31 +1,49 @@
 """`mcn-exporter serve`: the Falcon app under gunicorn, started from Python.
 
-prometheus_client picks its multiprocess mode when it is first imported, so the metrics
-directory is prepared, and the environment variable set, before anything imports it.
+The order of start-up is `exporter.startup`'s; this module runs it and holds what is gunicorn's:
+its settings, the master's stop lines, and the hooks that tie each worker to its master.
 """
 
 from __future__ import annotations
 
-import glob
+import ctypes
 import logging
 import os
-import shutil
+import signal
 import sys
-import tempfile
-from typing import Any
+import threading
+import time
+from typing import TYPE_CHECKING, Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 
 from exporter.config import Config
 from exporter.logs import configure_logging, gunicorn_log_config
+from exporter.startup import (
+    StartupError,
+    build_deps,
+    initialise_store,
+    prepare_metrics_dir,
+)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+if TYPE_CHECKING:
+    from exporter.app import Deps
+
+EXIT_STARTUP_ERROR = 2
+GRACEFUL_TIMEOUT = 30
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 log = logging.getLogger("exporter.server")
 
 
 def run(config: Config, bind: str | None = None, workers: int | None = None) -> int:
     configure_logging(config.logging)
-    metrics_dir, owned = prepare_metrics_dir()
+    try:
+        metrics_dir = prepare_metrics_dir()
+    except StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_STARTUP_ERROR
+    master_pid = os.getpid()
     try:
         initialise_store(config)
         options = gunicorn_options(config, bind, workers)
@@ -36,49 +54,26 @@ def run(config: Config, bind: str | None = None, workers: int | None = None) -> 
             config.store.path,
         )
         _warn_on_example_secret(config)
-        ExporterApplication(config, metrics_dir, options).run()
+        ExporterApplication(config, metrics_dir.path, options).run()
+    except StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_STARTUP_ERROR
+    except SystemExit as exc:
+        if os.getpid() != master_pid:
+            raise  # a worker leaving: the master's exit is not its to report
+        return _stopped(exc.code)
     finally:
-        if owned:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
+        metrics_dir.remove()
+    return _stopped(0)
 
 
-def prepare_metrics_dir() -> tuple[str, bool]:
-    """A dedicated, empty directory for prometheus_client's per-worker files.
-
-    Returns the directory and whether we created it (and so remove it at exit). A directory the
-    user named in PROMETHEUS_MULTIPROC_DIR is kept, but emptied of metric files: counts left by a
-    previous run would be summed into this one's.
-    """
-    if "prometheus_client" in sys.modules:
-        raise RuntimeError(
-            "prometheus_client was imported before its multiprocess directory was set"
-        )
-    given = os.environ.get(MULTIPROC_ENV)
-    if given:
-        os.makedirs(given, exist_ok=True)
-        for stale in glob.glob(os.path.join(given, "*.db")):
-            os.remove(stale)
-        return given, False
-    created = tempfile.mkdtemp(prefix="mcn-exporter-metrics-")
-    os.environ[MULTIPROC_ENV] = created
-    return created, True
-
-
-def initialise_store(config: Config) -> None:
-    """Create the schema and the zero series once, in the master, before workers fork."""
-    from exporter.app import tally_layout
-    from exporter.metrics import initial_rows
-    from exporter.store import SqliteCallStore
-
-    layout = tally_layout(config)
-    store = SqliteCallStore(config.store.path, layout)
-    try:
-        store.ensure_rows(initial_rows(config, layout))
-        for account, extensions in config.extensions.items():
-            store.reserve_extensions(account, extensions)
-    finally:
-        store.close()
+def _stopped(code: object) -> int:
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if status == 0:
+        log.info("stopped")
+    else:
+        log.error("stopped with exit status %d", status)
+    return status
 
 
 def gunicorn_options(config: Config, bind: str | None, workers: int | None) -> dict[str, Any]:
@@ -89,7 +84,7 @@ def gunicorn_options(config: Config, bind: str | None, workers: int | None) -> d
         "worker_class": "gthread",
         "threads": config.server.threads,
         "timeout": int(config.server.timeout),
-        "graceful_timeout": 30,
+        "graceful_timeout": GRACEFUL_TIMEOUT,
         "keepalive": 5,
         # Each restarted worker leaves a metrics file behind that every scrape merges: no churn.
         "max_requests": 0,
@@ -101,6 +96,9 @@ def gunicorn_options(config: Config, bind: str | None, workers: int | None) -> d
         "logconfig_dict": gunicorn_log_config(config.logging) or {},
         "proc_name": "mcn-exporter",
         "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
+        # gunicorn's control socket is one path per user by default, taken over by whichever
+        # server started last; the signals do all the exporter needs.
+        "control_socket_disable": True,
     }
 
 
@@ -109,18 +107,84 @@ class ExporterApplication(BaseApplication):  # type: ignore[misc]
         self._config = config
         self._metrics_dir = metrics_dir
         self._options = options
+        self._deps: Deps | None = None
         super().__init__()
 
     def load_config(self) -> None:
+        # Also run again by the master on SIGHUP, before it replaces the workers: the same
+        # settings, so a reload restarts the workers on the config read at start.
         for key, value in self._options.items():
             self.cfg.set(key, value)
+        self.cfg.set("on_reload", _log_reload)
+        self.cfg.set("post_fork", tie_to_master)
+        self.cfg.set("worker_exit", self._close_store)
 
     def load(self) -> Any:
         # Runs in each worker after the fork: every worker opens its own store connections.
-        from exporter.app import build_deps, create_app
+        from exporter.app import create_app
 
         configure_logging(self._config.logging)
-        return create_app(build_deps(self._config, multiprocess_dir=self._metrics_dir))
+        self._deps = build_deps(self._config, multiprocess_dir=self._metrics_dir)
+        return create_app(self._deps)
+
+    def run(self) -> None:
+        StopLoggingArbiter(self).run()
+
+    def _close_store(self, server: Any, worker: Any) -> None:
+        """gunicorn's worker_exit hook: the store commits the changes it still holds."""
+        if self._deps is not None:
+            self._deps.store.close()
+
+
+class StopLoggingArbiter(Arbiter):  # type: ignore[misc]
+    """gunicorn's master, saying when it starts to drain (SIGTERM, SIGINT, SIGQUIT)."""
+
+    def stop(self, graceful: bool = True) -> None:
+        if self.WORKERS and self.LISTENERS:  # the first call: the listeners close below
+            if graceful:
+                log.info(
+                    "draining: no new connections; requests in flight get up to %d s",
+                    self.cfg.graceful_timeout,
+                )
+            else:
+                log.info("stopping now: workers quit without draining")
+        super().stop(graceful)
+
+
+def _log_reload(server: Any) -> None:
+    log.info("reloading: replacing the workers, on the config read at start")
+
+
+def tie_to_master(server: Any, worker: Any) -> None:
+    """gunicorn's post_fork hook, in the new worker: it dies with its master.
+
+    A worker outliving a killed master keeps serving and holds the port, so the restart that
+    follows cannot bind it. The kernel kills the worker instead, like a killed worker, which
+    loses nothing acknowledged (a change is committed before it is answered). The kernel's
+    signal follows the thread that forked: gunicorn forks its workers from its main thread
+    only, so the signal means the master is gone.
+    """
+    if not _kill_on_parent_death():
+        threading.Thread(target=_watch_parent, args=(worker.ppid,), daemon=True).start()
+    if os.getppid() != worker.ppid:  # the master died before the kernel was told
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_on_parent_death() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(master_pid: int) -> None:
+    """Where the kernel cannot do it: checks for the master, twice a second."""
+    while os.getppid() == master_pid:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _warn_on_example_secret(config: Config) -> None:

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.app import Deps, build_deps, create_app
+from exporter.app import Deps, create_app
 from exporter.config import Config, parse_config
+from exporter.startup import build_deps, initialise_store
 
 WEBHOOKS = Path(__file__).parent / "webhooks"
 ACCOUNT = 10123
@@ -63,8 +64,6 @@ def config(tmp_path: Path) -> Config:
 
 
 def build_test_deps(config: Config, clock: FakeClock) -> Deps:
-    from exporter.server import initialise_store
-
     initialise_store(config)
     return build_deps(config, clock=clock)
 
@@ -182,6 +181,7 @@ class ServerProcess:
     workers: int = 3
     port: int = field(default_factory=free_port)
     cwd: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)  # set over the test's environment
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -189,26 +189,34 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "exporter",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--workers",
+            str(self.workers),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        """The test's environment, without a multiprocess directory unless `env` names one."""
+        inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        return {**inherited, **self.env}
+
     def start(self, timeout: float = 30.0) -> None:
         self.log_path = self.config_path.with_suffix(f".{self.port}.log")
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "exporter",
-                "serve",
-                "--config",
-                str(self.config_path),
-                "--bind",
-                f"127.0.0.1:{self.port}",
-                "--workers",
-                str(self.workers),
-            ],
+            self.command(),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.cwd,
-            env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+            env=self.environment(),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -226,6 +234,21 @@ class ServerProcess:
         assert self.process is not None
         self.process.send_signal(sig)
         return self.process.wait(timeout=timeout)
+
+    def signal_master(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def wait_for_workers(self, count: int, excluding: Iterable[int] = ()) -> list[int]:
+        """Waits until `count` workers run, none of them in `excluding`; returns their pids."""
+        excluded = set(excluding)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pids = self.worker_pids()
+            if len(pids) == count and not set(pids) & excluded:
+                return pids
+            time.sleep(0.1)
+        raise AssertionError(f"gunicorn did not respawn workers: {self.worker_pids()}")
 
     def worker_pids(self) -> list[int]:
         assert self.process is not None
@@ -264,8 +287,11 @@ class ServerProcess:
 def server_config(tmp_path: Path) -> Callable[..., Path]:
     """Writes a config file for a real server; keyword arguments replace whole sections."""
 
-    def write(**sections: Any) -> Path:
-        path = tmp_path / "config.yaml"
+    def write(name: str = "config", **sections: Any) -> Path:
+        """`name` names the config file and, unless it is "config", the store file too."""
+        if name != "config":
+            sections.setdefault("store", {"path": str(tmp_path / f"{name}.sqlite3")})
+        path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(base_config(tmp_path, **sections)))
         return path
 
@@ -276,8 +302,10 @@ def server_config(tmp_path: Path) -> Callable[..., Path]:
 def start_server(server_config: Callable[..., Path]) -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
-    def start(workers: int = 3, **sections: Any) -> ServerProcess:
-        server = ServerProcess(server_config(**sections), workers=workers)
+    def start(
+        workers: int = 3, name: str = "config", env: dict[str, str] | None = None, **sections: Any
+    ) -> ServerProcess:
+        server = ServerProcess(server_config(name, **sections), workers=workers, env=env or {})
         server.start()
         started.append(server)
         return server

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from exporter.metrics import REJECTION_REASONS
 from tests.conftest import ACCOUNT, SECRET, Samples, ServerProcess, call_totals
 
 pytestmark = pytest.mark.server
@@ -61,7 +62,7 @@ def assert_matches_truth(samples: Samples, truth: dict[str, Any]) -> None:
     rightly counted twice by mcn_webhook_events_total, and by nothing else. Talk-time sums are
     known only where every end carried billsec, so only those are expected.
     """
-    assert not any(samples.get("mcn_webhook_rejected_total", {}).values())
+    assert_no_rejections(samples)
     checked = 0
     for name, expected_samples in truth["samples"].items():
         expected = {
@@ -80,6 +81,12 @@ def assert_matches_truth(samples: Samples, truth: dict[str, Any]) -> None:
             assert shown == expected, name
         checked += sum(expected.values())
     assert checked > 0
+
+
+def assert_no_rejections(samples: Samples) -> None:
+    """Every reason's series is shown, at zero: a missing series would also read as none."""
+    rejected = samples.get("mcn_webhook_rejected_total", {})
+    assert rejected == {(("reason", reason),): 0.0 for reason in REJECTION_REASONS}
 
 
 def events_delivered(server: ServerProcess) -> float:
@@ -111,7 +118,7 @@ def test_a_worker_killed_midway_loses_no_call(start_server: StartServer) -> None
         victim = server.worker_pids()[0]
         os.kill(victim, signal.SIGKILL)
         killed.append(victim)
-        wait_for_workers(server, 3, excluding=killed)
+        server.wait_for_workers(3, excluding=killed)
 
     stdout, stderr = simulate.communicate(timeout=600)
     assert simulate.returncode == 0, stderr.decode()
@@ -139,16 +146,6 @@ def test_a_restart_midway_loses_no_call(start_server: StartServer) -> None:
     assert truth["events"] >= 5000
     assert truth["retries"] > 0  # deliveries during the restart were refused, then resent
     assert_matches_truth(server.samples(), truth)
-
-
-def wait_for_workers(server: ServerProcess, count: int, excluding: list[int]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        pids = server.worker_pids()
-        if len(pids) == count and not set(pids) & set(excluding):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"gunicorn did not respawn workers: {server.worker_pids()}")
 
 
 def test_calls_open_across_a_restart_stay_active_and_their_talk_time_spans_it(
