@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from exporter.config import Config
+from exporter.config import Config, example_secret_accounts
 from exporter.logs import configure_logging, gunicorn_log_config
 from exporter.startup import (
     StartupError,
@@ -188,10 +188,9 @@ def _watch_parent(master_pid: int) -> None:
 
 
 def _warn_on_example_secret(config: Config) -> None:
-    for account in config.accounts.values():
-        if account.secret == "SecretToken":
-            log.warning(
-                "account %d uses the example secret from the provider's documentation; "
-                "set your own in the portal and in the config",
-                account.id,
-            )
+    for account_id in example_secret_accounts(config):
+        log.warning(
+            "account %d uses the example secret from the provider's documentation; "
+            "set your own in the portal and in the config",
+            account_id,
+        )
