@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from exporter.config import LoggingConfig
@@ -61,3 +64,49 @@ def gunicorn_log_config(config: LoggingConfig) -> dict[str, Any] | None:
         "root": {"handlers": ["stderr"], "level": "WARNING"},
         "loggers": {"gunicorn.error": handler, "gunicorn.access": handler},
     }
+
+
+class ThrottledLog:
+    """At most one line per key per interval, so that a flood of bad requests cannot flood the log.
+
+    The first line of a key is written at once. Lines of the same key within `interval` after it
+    are only counted; the next one after that is written with how many there were since the last
+    line written, itself included ("webhook rejected: unauthorized x 1532 in the last 60 s, last
+    from 1.2.3.4: secret does not match"). So a burst that stops shows its count with the next
+    line of its key; the exact counts are in the metrics.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._keys: dict[str, _KeyState] = {}
+
+    def log(self, level: int, key: str, detail: str) -> None:
+        """One occurrence of `key`; `detail` is that of this occurrence (never a secret)."""
+        with self._lock:
+            now = self._clock()
+            state = self._keys.get(key)
+            if state is not None and now - state.written < self._interval:
+                state.held += 1
+                return
+            self._keys[key] = _KeyState(written=now)
+        if state is None or state.held == 0:
+            self._logger.log(level, "%s %s", key, detail)
+        else:
+            count, seconds = state.held + 1, now - state.written
+            self._logger.log(
+                level, "%s x %d in the last %.0f s, last %s", key, count, seconds, detail
+            )
+
+
+@dataclass
+class _KeyState:
+    written: float  # when the last line of the key was written
+    held: int = 0  # occurrences since then that wrote no line

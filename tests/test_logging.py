@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.conftest import ACCOUNT, SECRET, ServerProcess, all_webhooks
+from exporter.logs import ThrottledLog
+from tests.conftest import ACCOUNT, SECRET, FakeClock, ServerProcess, all_webhooks
 
 PHONE_NUMBERS = ("0222202999", "74951059995", "421222202999", "421233005500", "421905123456")
 WRONG_SECRET = "wrong-secret-7731"
+REFUSED_BODY = {
+    "event_type": "onInCallingStart",
+    "abon": "1",
+    "did": "+421905123456",
+    "secret": WRONG_SECRET,
+    "account_id": ACCOUNT,
+}
 
 
 @pytest.mark.server
@@ -86,3 +95,78 @@ def test_json_logs_hold_gunicorn_lines_too(start_server: Callable[..., ServerPro
     loggers = {entry["logger"] for entry in entries}
     assert {"exporter.http", "exporter.server", "gunicorn.error"} <= loggers
     assert all({"time", "level", "message"} <= entry.keys() for entry in entries)
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
+@pytest.fixture
+def written() -> Iterator[list[str]]:
+    logger = logging.getLogger("tests.throttled")
+    handler = ListHandler()
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+def throttled(clock: FakeClock) -> ThrottledLog:
+    return ThrottledLog(logging.getLogger("tests.throttled"), interval=60, clock=clock)
+
+
+def test_first_line_of_a_key_is_written_at_once_and_the_next_within_the_interval_held(
+    written: list[str], clock: FakeClock
+) -> None:
+    lines = throttled(clock)
+    lines.log(logging.WARNING, "webhook rejected: unauthorized", "from 1.2.3.4: no")
+    clock.advance(59.9)
+    lines.log(logging.WARNING, "webhook rejected: unauthorized", "from 1.2.3.5: no")
+    assert written == ["WARNING webhook rejected: unauthorized from 1.2.3.4: no"]
+
+
+def test_after_the_interval_one_line_counts_those_held_and_shows_the_last(
+    written: list[str], clock: FakeClock
+) -> None:
+    lines = throttled(clock)
+    first = clock.now
+    lines.log(logging.WARNING, "webhook rejected: unauthorized", "from 1.2.3.4: first")
+    for n in range(1532):
+        clock.advance(0.01)
+        lines.log(logging.WARNING, "webhook rejected: unauthorized", f"from 1.2.3.4: {n}")
+    clock.now = first + 60
+    lines.log(logging.WARNING, "webhook rejected: unauthorized", "from 5.6.7.8: last")
+    assert written[1:] == [
+        "WARNING webhook rejected: unauthorized x 1533 in the last 60 s, last from 5.6.7.8: last"
+    ]
+
+
+def test_each_key_has_its_own_interval(written: list[str], clock: FakeClock) -> None:
+    lines = throttled(clock)
+    for _ in range(3):
+        lines.log(logging.WARNING, "webhook rejected: unauthorized", "u")
+        lines.log(logging.ERROR, "call store unavailable", "s")
+    assert written == ["WARNING webhook rejected: unauthorized u", "ERROR call store unavailable s"]
+
+
+def test_a_key_quiet_for_an_interval_gets_a_plain_line_again(
+    written: list[str], clock: FakeClock
+) -> None:
+    lines = throttled(clock)
+    lines.log(logging.WARNING, "k", "one")
+    clock.advance(600)
+    lines.log(logging.WARNING, "k", "two")
+    clock.advance(1)
+    lines.log(logging.WARNING, "k", "three")  # held
+    clock.advance(60)
+    lines.log(logging.WARNING, "k", "four")
+    assert written == [
+        "WARNING k one",
+        "WARNING k two",
+        "WARNING k x 2 in the last 61 s, last four",
+    ]
