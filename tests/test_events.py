@@ -11,11 +11,11 @@ from exporter.events import (
     EVENT_KINDS,
     CallEvent,
     Direction,
-    Rejection,
     Service,
     Step,
     WebhookParser,
 )
+from exporter.rejections import Rejection
 from tests.conftest import ACCOUNT, SECRET, all_webhooks, webhook
 
 parser = WebhookParser({ACCOUNT: SECRET, 555: "other-secret"})

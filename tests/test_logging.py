@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from exporter.logs import ThrottledLog
-from tests.conftest import ACCOUNT, SECRET, FakeClock, ServerProcess, all_webhooks
+from tests.conftest import ACCOUNT, SECRET, Exporter, FakeClock, ServerProcess, all_webhooks
 
 PHONE_NUMBERS = ("0222202999", "74951059995", "421222202999", "421233005500", "421905123456")
 WRONG_SECRET = "wrong-secret-7731"
@@ -170,3 +170,26 @@ def test_a_key_quiet_for_an_interval_gets_a_plain_line_again(
         "WARNING k two",
         "WARNING k x 2 in the last 61 s, last four",
     ]
+
+
+def test_a_flood_of_refusals_writes_one_line_per_reason_without_secrets_or_numbers(
+    exporter: Exporter,
+) -> None:
+    logger = logging.getLogger("exporter.http")
+    handler = ListHandler()
+    logger.addHandler(handler)
+    try:
+        for n in range(50):
+            wrong = {**REFUSED_BODY, "secret": f"{WRONG_SECRET}{n}"}
+            assert exporter.post(wrong).status_code == 401
+            assert exporter.post(b"not json").status_code == 400
+            assert exporter.client.simulate_get("/webhook").status_code == 405
+    finally:
+        logger.removeHandler(handler)
+    assert sorted(handler.lines) == [
+        "WARNING webhook rejected: malformed from 127.0.0.1: body is not valid JSON",
+        "WARNING webhook rejected: method_not_allowed from 127.0.0.1: "
+        "method not allowed here; allowed: POST",
+        "WARNING webhook rejected: unauthorized from 127.0.0.1: secret does not match",
+    ]
+    assert exporter.samples()["mcn_webhook_rejected_total"][(("reason", "unauthorized"),)] == 50
