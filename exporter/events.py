@@ -104,9 +104,15 @@ class WebhookParser:
 
 def _decode(body: bytes) -> dict[str, Any]:
     try:
-        document = json.loads(body)
+        # UTF-8 only (json.loads would guess UTF-16 or UTF-32 from bytes); a leading UTF-8
+        # byte order mark, which JSON allows a reader to ignore, is skipped.
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise Rejection(Reason.MALFORMED, "body is not UTF-8") from exc
+    try:
+        document = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        # ValueError covers bad JSON, bad UTF-8 and integers past Python's digit limit.
+        # ValueError covers bad JSON and integers past Python's digit limit.
         raise Rejection(Reason.MALFORMED, "body is not valid JSON") from exc
     if not isinstance(document, dict):
         raise Rejection(Reason.MALFORMED, "body must be a JSON object")

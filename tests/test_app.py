@@ -43,6 +43,10 @@ BAD_BODIES: list[tuple[str, bytes, int, str, str | None]] = [
     ("json string", b'"onInCallingStart"', 400, "malformed", None),
     ("json null", b"null", 400, "malformed", None),
     ("bad utf-8", b'{"event_type": "\xff\xfe"}', 400, "malformed", None),
+    *(
+        (encoding, json.dumps(GOOD).encode(encoding), 400, "malformed", None)
+        for encoding in ("utf-16", "utf-16-le", "utf-32", "utf-32-be")
+    ),
     ("deep nesting", b"[" * 30_000 + b"]" * 30_000, 400, "malformed", None),
     ("huge integer", b'{"account_id": 1' + b"0" * 5000 + b"}", 400, "malformed", None),
     (
@@ -297,6 +301,10 @@ def test_landing_page_links_the_endpoints_and_counts_active_calls(exporter: Expo
     for link in ("/metrics", "/healthz", "/readyz", "/webhook"):
         assert link in result.text
     assert "Active calls now: <b>1</b>" in result.text
+
+
+def test_a_utf_8_byte_order_mark_before_the_json_is_accepted(exporter: Exporter) -> None:
+    assert exporter.post(json.dumps(GOOD).encode("utf-8-sig")).status_code == 200
 
 
 # -- methods and paths ----------------------------------------------------------------------------
