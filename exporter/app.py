@@ -245,7 +245,7 @@ def serialize_error(req: falcon.Request, resp: falcon.Response, error: falcon.HT
 class Refusals:
     """Turns whatever stops a request into its Refusal; counts and logs those of the webhook.
 
-    A refusal on the webhook path is counted in mcn_webhook_rejected_total; its log line, and
+    A refusal on the webhook route is counted in mcn_webhook_rejected_total; its log line, and
     that of an unavailable store, is throttled so that a flood of bad requests cannot flood
     the log.
     """
@@ -313,7 +313,9 @@ class Refusals:
             self._rejections.count(reason)
         if reason is Reason.STORE_UNAVAILABLE:
             self._lines.log(
-                logging.ERROR, "call store unavailable", f"on {req.method} {req.path}: {detail}"
+                logging.ERROR,
+                "call store unavailable",
+                f"on {req.method} {req.uri_template}: {detail}",
             )
         elif on_webhook and reason.counted:
             self._lines.log(

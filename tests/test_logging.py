@@ -9,6 +9,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -193,3 +194,25 @@ def test_a_flood_of_refusals_writes_one_line_per_reason_without_secrets_or_numbe
         "WARNING webhook rejected: unauthorized from 127.0.0.1: secret does not match",
     ]
     assert exporter.samples()["mcn_webhook_rejected_total"][(("reason", "unauthorized"),)] == 50
+
+
+def test_an_unavailable_store_writes_one_error_line_not_one_per_request(
+    exporter: Exporter, tmp_path: Path
+) -> None:
+    exporter.deps.store.close()
+    for name in ("calls.sqlite3", "calls.sqlite3-wal", "calls.sqlite3-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / "calls.sqlite3").write_bytes(b"this is not a database" * 100)
+    logger = logging.getLogger("exporter.http")
+    handler = ListHandler()
+    logger.addHandler(handler)
+    try:
+        for _ in range(20):
+            assert exporter.post(REFUSED_BODY | {"secret": SECRET}).status_code == 503
+            assert exporter.client.simulate_get("/readyz").status_code == 503
+    finally:
+        logger.removeHandler(handler)
+    assert len(handler.lines) == 1
+    assert handler.lines[0].startswith("ERROR call store unavailable on POST /webhook: ")
+    for number in PHONE_NUMBERS:
+        assert number not in handler.lines[0]
