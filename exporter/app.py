@@ -18,7 +18,7 @@ from exporter.calls import CallTracker, Clock, TrackerSettings
 from exporter.config import Config
 from exporter.events import WebhookParser
 from exporter.legs import TallyLayout
-from exporter.logs import ThrottledLog
+from exporter.logs import LINE_INTERVAL, ThrottledLog
 from exporter.metrics import RejectionCounter, Scrape, build_metrics
 from exporter.rejections import Reason, Rejection
 from exporter.store import CallStore, SqliteCallStore, StoreUnavailable
@@ -26,7 +26,6 @@ from exporter.store import CallStore, SqliteCallStore, StoreUnavailable
 log = logging.getLogger("exporter.http")
 
 OK_BODY = b'{"status":"ok"}\n'
-REFUSAL_LOG_INTERVAL = 60.0  # seconds between two log lines of the same refusal reason
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def create_app(deps: Deps) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(deps.store))
     app.add_route("/", LandingResource(deps))
-    refusals = Refusals(deps.rejections, webhook_path, ThrottledLog(log, REFUSAL_LOG_INTERVAL))
+    refusals = Refusals(deps.rejections, webhook_path, ThrottledLog(log, LINE_INTERVAL))
     app.add_error_handler(Rejection, refusals.on_rejection)
     app.add_error_handler(StoreUnavailable, refusals.on_store_unavailable)
     app.add_error_handler(Refusal, refusals.on_refusal)

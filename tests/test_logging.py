@@ -7,13 +7,14 @@ import logging
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from exporter.logs import ThrottledLog
+from exporter.logs import InvalidRequestFilter, ThrottledLog
 from tests.conftest import ACCOUNT, SECRET, Exporter, FakeClock, ServerProcess, all_webhooks
 
 PHONE_NUMBERS = ("0222202999", "74951059995", "421222202999", "421233005500", "421905123456")
@@ -216,3 +217,39 @@ def test_an_unavailable_store_writes_one_error_line_not_one_per_request(
     assert handler.lines[0].startswith("ERROR call store unavailable on POST /webhook: ")
     for number in PHONE_NUMBERS:
         assert number not in handler.lines[0]
+
+
+def gunicorn_record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("gunicorn.error", logging.WARNING, "", 0, message, (), None)
+
+
+def test_gunicorn_invalid_request_lines_are_throttled_by_kind_of_error(clock: FakeClock) -> None:
+    only = InvalidRequestFilter(interval=60, clock=clock)
+    bad_line = "Invalid request from ip=203.0.113.7: Invalid HTTP request line: 'GET ?x HTTP/1.1'"
+    bad_method = "Invalid request from ip=::1: Invalid HTTP method: 'get'"
+    assert only.filter(gunicorn_record(bad_line))
+    assert only.filter(gunicorn_record(bad_method))
+    assert only.filter(gunicorn_record("Worker (pid:7) was sent SIGKILL! Perhaps out of memory?"))
+    for _ in range(1532):
+        clock.advance(0.01)
+        assert not only.filter(gunicorn_record(bad_line))
+    assert not only.filter(gunicorn_record(bad_method))
+    clock.now += 60
+    last = gunicorn_record(bad_line)
+    assert only.filter(last)
+    assert last.getMessage() == f"{bad_line} (x 1533 in the last 75 s)"
+
+
+@pytest.mark.server
+def test_a_flood_of_requests_gunicorn_cannot_parse_writes_one_line(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    server = start_server(workers=1, logging={"level": "info"})
+    for _ in range(30):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"GET ?x HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "Invalid request from" in line]
+    assert len(lines) == 1, lines
+    assert "[WARNING] Invalid request from ip=127.0.0.1: Invalid HTTP request line" in lines[0]
