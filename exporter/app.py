@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 import html
+import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, NoReturn
 
 import falcon
+from falcon.routing import map_http_methods
 
 from exporter import __version__
 from exporter.calls import CallTracker
 from exporter.config import Config
-from exporter.events import MALFORMED, TOO_LARGE, Rejection, WebhookParser
+from exporter.events import WebhookParser
+from exporter.logs import LINE_INTERVAL, ThrottledLog
 from exporter.metrics import RejectionCounter, Scrape
+from exporter.rejections import Reason, Rejection
 from exporter.store import CallStore, StoreUnavailable
 
 log = logging.getLogger("exporter.http")
 
-REJECTION_STATUS = {
-    "malformed": falcon.HTTP_400,
-    "invalid": falcon.HTTP_422,
-    "unauthorized": falcon.HTTP_401,
-    "unknown_account": falcon.HTTP_403,
-    "too_large": falcon.HTTP_413,
-}
-OK_BODY = b'{"status":"ok"}'
+OK_BODY = b'{"status":"ok"}\n'
 
 
 @dataclass(frozen=True)
@@ -41,7 +38,7 @@ class Deps:
 
 
 def create_app(deps: Deps) -> falcon.App[falcon.Request, falcon.Response]:
-    app: falcon.App[falcon.Request, falcon.Response] = falcon.App()
+    app = ExporterApp(middleware=[ServedMethods()])
     app.req_options.strip_url_path_trailing_slash = True  # /webhook/ in the portal works too
     webhook_path = deps.config.server.webhook_path
     app.add_route(webhook_path, WebhookResource(deps))
@@ -49,11 +46,20 @@ def create_app(deps: Deps) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(deps.store))
     app.add_route("/", LandingResource(deps))
-    app.add_error_handler(Rejection, _rejection_handler(deps.rejections))
-    app.add_error_handler(StoreUnavailable, _store_unavailable_handler(deps.rejections))
-    app.add_error_handler(falcon.HTTPError, _http_error_handler(deps.rejections, webhook_path))
-    app.add_error_handler(Exception, _unexpected_error_handler)
+    refusals = Refusals(deps.rejections, webhook_path, ThrottledLog(log, LINE_INTERVAL))
+    app.add_error_handler(Rejection, refusals.on_rejection)
+    app.add_error_handler(StoreUnavailable, refusals.on_store_unavailable)
+    app.add_error_handler(Refusal, refusals.on_refusal)
+    app.add_error_handler(falcon.HTTPError, refusals.on_falcon_error)
+    app.add_error_handler(Exception, refusals.on_unexpected)
+    app.set_error_serializer(serialize_error)
     return app
+
+
+class ExporterApp(falcon.App[falcon.Request, falcon.Response]):
+    # Falcon answers a request line with the method WEBSOCKET with 400 before routing (the name
+    # it gives WebSocket handshakes under ASGI); here it is one more method no route serves.
+    _META_METHODS: ClassVar[frozenset[str]] = frozenset()
 
 
 class WebhookResource:
@@ -66,8 +72,7 @@ class WebhookResource:
         event = self._parser.parse(read_body(req, self._max_body))
         disposition = self._tracker.on_event(event)
         log.debug("%s %s", event, disposition.value)
-        resp.data = OK_BODY
-        resp.content_type = falcon.MEDIA_JSON
+        answer_ok(resp)
 
 
 class MetricsResource:
@@ -87,10 +92,14 @@ class MetricsResource:
             resp.set_header("Content-Encoding", "gzip")
         resp.vary = ("Accept", "Accept-Encoding")
 
+    on_head = on_get  # Falcon sends the headers of the GET answer, without its body
+
 
 class HealthResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {"status": "ok"}
+        answer_ok(resp)
+
+    on_head = on_get  # what load balancers send
 
 
 class ReadyResource:
@@ -99,7 +108,9 @@ class ReadyResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         self._store.ping()
-        resp.media = {"status": "ok"}
+        answer_ok(resp)
+
+    on_head = on_get
 
 
 class LandingResource:
@@ -116,6 +127,13 @@ class LandingResource:
             webhook=html.escape(self._webhook_path),
         )
 
+    on_head = on_get
+
+
+def answer_ok(resp: falcon.Response) -> None:
+    resp.data = OK_BODY
+    resp.content_type = falcon.MEDIA_JSON
+
 
 def read_body(req: falcon.Request, limit: int) -> bytes:
     """The raw body, refused past `limit` bytes whether or not a Content-Length was sent.
@@ -126,73 +144,152 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
     try:
         declared = req.content_length
     except falcon.HTTPError as exc:
-        raise Rejection(MALFORMED, "Content-Length is not a number") from exc
+        raise Rejection(Reason.MALFORMED, "Content-Length is not a number") from exc
     if declared is not None and declared > limit:
-        raise Rejection(TOO_LARGE, f"body is over {limit} bytes")
+        raise Rejection(Reason.TOO_LARGE, f"body is over {limit} bytes")
     try:
         body: bytes = req.stream.read(limit + 1)
     except Exception as exc:
         # gunicorn raises its own errors for broken chunked encoding or a truncated body.
-        raise Rejection(MALFORMED, "body could not be read") from exc
+        raise Rejection(Reason.MALFORMED, "body could not be read") from exc
     if len(body) > limit:
-        raise Rejection(TOO_LARGE, f"body is over {limit} bytes")
+        raise Rejection(Reason.TOO_LARGE, f"body is over {limit} bytes")
     return body
 
 
-def _rejection_handler(rejections: RejectionCounter) -> Any:
-    def handle(req: falcon.Request, resp: falcon.Response, ex: Rejection, params: Any) -> None:
-        rejections.count(ex.reason)
-        log.warning("webhook rejected from %s: %s: %s", req.remote_addr, ex.reason, ex.message)
-        resp.status = REJECTION_STATUS[ex.reason]
-        resp.media = _error(ex.reason, ex.message, ex.field)
-        if ex.reason == TOO_LARGE:
-            resp.set_header("Connection", "close")  # do not read the rest of an oversized body
+class ServedMethods:
+    """One rule for every route: a method it has no responder for gets 405 with `Allow`.
 
-    return handle
+    Falcon alone would answer OPTIONS with 200, and a method it does not know with 400.
+    """
 
+    def __init__(self) -> None:
+        self._served: dict[type, frozenset[str]] = {}
 
-def _store_unavailable_handler(rejections: RejectionCounter) -> Any:
-    def handle(
-        req: falcon.Request, resp: falcon.Response, ex: StoreUnavailable, params: Any
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict[str, Any]
     ) -> None:
-        if req.method == "POST":
-            rejections.count("store_unavailable")
-        log.error("call store unavailable: %s", ex)
-        resp.status = falcon.HTTP_503
-        resp.set_header("Retry-After", "5")
-        resp.media = _error("store_unavailable", "call store unavailable, try again")
+        served = self._served.get(type(resource))
+        if served is None:
+            served = self._served[type(resource)] = frozenset(map_http_methods(resource))
+        if req.method not in served:
+            allowed = ", ".join(sorted(served))
+            raise Refusal(
+                Reason.METHOD_NOT_ALLOWED,
+                f"method not allowed here; allowed: {allowed}",
+                headers={"Allow": allowed},
+            )
 
-    return handle
 
+class Refusal(falcon.HTTPError):
+    """Every error answer: the status of its reason, and one JSON shape (see serialize_error)."""
 
-def _http_error_handler(rejections: RejectionCounter, webhook_path: str) -> Any:
-    def handle(
-        req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: Any
+    def __init__(
+        self,
+        reason: Reason,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        reason = "method_not_allowed" if ex.status_code == 405 else "http_error"
-        if reason == "method_not_allowed" and req.path == webhook_path:
-            rejections.count(reason)
-        resp.status = ex.status
-        if ex.headers:
-            resp.set_headers(ex.headers)
-        resp.media = _error(reason, ex.title if ex.description is None else ex.description)
+        super().__init__(reason.status, title=message, headers=headers)
+        self.reason = reason
+        self.message = message
+        self.field = field
 
-    return handle
-
-
-def _unexpected_error_handler(
-    req: falcon.Request, resp: falcon.Response, ex: Exception, params: Any
-) -> None:
-    log.exception("unexpected error on %s %s", req.method, req.path)
-    resp.status = falcon.HTTP_500
-    resp.media = _error("internal", "internal error")
+    def body(self) -> bytes:
+        document = {"status": "error", "reason": str(self.reason), "error": self.message}
+        if self.field:
+            document["field"] = self.field
+        return json.dumps(document).encode() + b"\n"
 
 
-def _error(reason: str, message: str, field: str | None = None) -> dict[str, str]:
-    body = {"status": "error", "reason": reason, "error": message}
-    if field:
-        body["field"] = field
-    return body
+def serialize_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError) -> None:
+    # Every error reaches here as a Refusal (see Refusals); the fallback keeps the shape anyway.
+    refusal = error if isinstance(error, Refusal) else Refusal(Reason.INTERNAL, "internal error")
+    resp.data = refusal.body()
+    resp.content_type = falcon.MEDIA_JSON
+
+
+class Refusals:
+    """Turns whatever stops a request into its Refusal; counts and logs those of the webhook.
+
+    A refusal on the webhook route is counted in mcn_webhook_rejected_total; its log line, and
+    that of an unavailable store, is throttled so that a flood of bad requests cannot flood
+    the log.
+    """
+
+    def __init__(
+        self, rejections: RejectionCounter, webhook_path: str, lines: ThrottledLog
+    ) -> None:
+        self._rejections = rejections
+        self._webhook_path = webhook_path
+        self._lines = lines
+
+    def on_rejection(
+        self, req: falcon.Request, resp: falcon.Response, ex: Rejection, params: dict[str, Any]
+    ) -> NoReturn:
+        # Close rather than read the rest of an oversized body.
+        headers = {"Connection": "close"} if ex.reason is Reason.TOO_LARGE else None
+        self._refuse(req, Refusal(ex.reason, ex.message, ex.field, headers), ex.message)
+
+    def on_store_unavailable(
+        self,
+        req: falcon.Request,
+        resp: falcon.Response,
+        ex: StoreUnavailable,
+        params: dict[str, Any],
+    ) -> NoReturn:
+        refusal = Refusal(
+            Reason.STORE_UNAVAILABLE,
+            "call store unavailable, try again",
+            headers={"Retry-After": "5"},
+        )
+        self._refuse(req, refusal, str(ex))
+
+    def on_refusal(
+        self, req: falcon.Request, resp: falcon.Response, ex: Refusal, params: dict[str, Any]
+    ) -> NoReturn:
+        self._refuse(req, ex, ex.message)
+
+    def on_falcon_error(
+        self,
+        req: falcon.Request,
+        resp: falcon.Response,
+        ex: falcon.HTTPError,
+        params: dict[str, Any],
+    ) -> NoReturn:
+        # What Falcon raises itself: no route for the path, or (in principle) a request it
+        # cannot read.
+        if ex.status_code == 404:
+            refusal = Refusal(Reason.NOT_FOUND, "no such path; the endpoints are listed at /")
+        else:
+            refusal = Refusal(Reason.MALFORMED, ex.description or ex.title)
+        self._refuse(req, refusal, refusal.message)
+
+    def on_unexpected(
+        self, req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict[str, Any]
+    ) -> NoReturn:
+        log.exception("unexpected error on %s %s", req.method, req.path)
+        raise Refusal(Reason.INTERNAL, "internal error")
+
+    def _refuse(self, req: falcon.Request, refusal: Refusal, detail: str) -> NoReturn:
+        """Counts and logs `refusal`, then raises it for Falcon to answer."""
+        reason = refusal.reason
+        # The route's template, not req.path: Falcon routes "//webhook" here too.
+        on_webhook = req.uri_template == self._webhook_path
+        if on_webhook and reason.counted:
+            self._rejections.count(reason)
+        if reason is Reason.STORE_UNAVAILABLE:
+            self._lines.log(
+                logging.ERROR,
+                "call store unavailable",
+                f"on {req.method} {req.uri_template}: {detail}",
+            )
+        elif on_webhook and reason.counted:
+            self._lines.log(
+                logging.WARNING, f"webhook rejected: {reason}", f"from {req.remote_addr}: {detail}"
+            )
+        raise refusal
 
 
 LANDING_PAGE = """<!doctype html>

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
+from exporter.rejections import Reason, Rejection
+
 EXTENSION_PATTERN = re.compile(r"[0-9A-Za-z*#+_-]{1,32}")
 MAX_BILLSEC = 30 * 24 * 3600
 MAX_ACCOUNT_DIGITS = 18
@@ -80,23 +82,6 @@ class CallEvent:
         )
 
 
-class Rejection(Exception):
-    """A webhook we refuse. `reason` is the label of mcn_webhook_rejected_total."""
-
-    def __init__(self, reason: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.field = field
-
-
-MALFORMED = "malformed"
-INVALID = "invalid"
-UNAUTHORIZED = "unauthorized"
-UNKNOWN_ACCOUNT = "unknown_account"
-TOO_LARGE = "too_large"
-
-
 class WebhookParser:
     """Checks a raw body in the order of SPEC §4: JSON object, account, secret, other fields."""
 
@@ -109,7 +94,9 @@ class WebhookParser:
         expected = self._secrets.get(account)
         if expected is None:
             raise Rejection(
-                UNKNOWN_ACCOUNT, f"account_id {account} is not a configured account", "account_id"
+                Reason.UNKNOWN_ACCOUNT,
+                f"account_id {account} is not a configured account",
+                "account_id",
             )
         _check_secret(document.get("secret"), expected)
         return _event(document, account)
@@ -117,39 +104,47 @@ class WebhookParser:
 
 def _decode(body: bytes) -> dict[str, Any]:
     try:
-        document = json.loads(body)
+        # UTF-8 only (json.loads would guess UTF-16 or UTF-32 from bytes); a leading UTF-8
+        # byte order mark, which JSON allows a reader to ignore, is skipped.
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise Rejection(Reason.MALFORMED, "body is not UTF-8") from exc
+    try:
+        document = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        # ValueError covers bad JSON, bad UTF-8 and integers past Python's digit limit.
-        raise Rejection(MALFORMED, "body is not valid JSON") from exc
+        # ValueError covers bad JSON and integers past Python's digit limit.
+        raise Rejection(Reason.MALFORMED, "body is not valid JSON") from exc
     if not isinstance(document, dict):
-        raise Rejection(MALFORMED, "body must be a JSON object")
+        raise Rejection(Reason.MALFORMED, "body must be a JSON object")
     return document
 
 
 def _account_id(document: dict[str, Any]) -> int:
     raw = document.get("account_id")
     if raw is None:
-        raise Rejection(INVALID, "account_id is required", "account_id")
+        raise Rejection(Reason.INVALID, "account_id is required", "account_id")
     if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= MAX_ACCOUNT_DIGITS:
         return int(raw)
     if type(raw) is int and 0 <= raw < 10**MAX_ACCOUNT_DIGITS:
         return raw
-    raise Rejection(INVALID, "account_id must be an integer or a string of digits", "account_id")
+    raise Rejection(
+        Reason.INVALID, "account_id must be an integer or a string of digits", "account_id"
+    )
 
 
 def _check_secret(raw: object, expected: bytes) -> None:
     if raw is None:
-        raise Rejection(UNAUTHORIZED, "secret is required", "secret")
+        raise Rejection(Reason.UNAUTHORIZED, "secret is required", "secret")
     given = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else b""
     # compare_digest takes time that depends on the length only, never on where bytes differ.
     if not isinstance(raw, str) or not hmac.compare_digest(given, expected):
-        raise Rejection(UNAUTHORIZED, "secret does not match", "secret")
+        raise Rejection(Reason.UNAUTHORIZED, "secret does not match", "secret")
 
 
 def _event(document: dict[str, Any], account: int) -> CallEvent:
     event_type = document.get("event_type")
     if not isinstance(event_type, str) or not event_type:
-        raise Rejection(INVALID, "event_type must be a non-empty string", "event_type")
+        raise Rejection(Reason.INVALID, "event_type must be a non-empty string", "event_type")
     kind = EVENT_KINDS.get(event_type)
     if kind is None:
         # Still accepted, so the provider keeps sending; guess the service for the event counter.
@@ -171,11 +166,13 @@ def _event(document: dict[str, Any], account: int) -> CallEvent:
 
 def _abon(raw: object) -> str:
     if raw is None:
-        raise Rejection(INVALID, "abon is required for virtual PBX events", "abon")
+        raise Rejection(Reason.INVALID, "abon is required for virtual PBX events", "abon")
     if type(raw) is int:
         raw = str(raw)
     if not isinstance(raw, str) or not EXTENSION_PATTERN.fullmatch(raw):
-        raise Rejection(INVALID, "abon must be 1 to 32 characters of 0-9 A-Z a-z * # + _ -", "abon")
+        raise Rejection(
+            Reason.INVALID, "abon must be 1 to 32 characters of 0-9 A-Z a-z * # + _ -", "abon"
+        )
     return raw
 
 
@@ -185,7 +182,7 @@ def _text(document: dict[str, Any], name: str) -> str | None:
         return None
     if not isinstance(raw, str) or len(raw) > MAX_TEXT_FIELD or not _is_unicode(raw):
         raise Rejection(
-            INVALID, f"{name} must be a string of at most {MAX_TEXT_FIELD} characters", name
+            Reason.INVALID, f"{name} must be a string of at most {MAX_TEXT_FIELD} characters", name
         )
     return raw or None
 
@@ -206,6 +203,6 @@ def _billsec(raw: object) -> int | None:
         raw = int(raw)
     if type(raw) is not int or not 0 <= raw <= MAX_BILLSEC:
         raise Rejection(
-            INVALID, f"billsec must be an integer from 0 to {MAX_BILLSEC} seconds", "billsec"
+            Reason.INVALID, f"billsec must be an integer from 0 to {MAX_BILLSEC} seconds", "billsec"
         )
     return raw

@@ -36,6 +36,7 @@ from exporter import __version__
 from exporter.config import Config
 from exporter.events import EVENT_KINDS, UNKNOWN_EVENT, Direction, Service, Step
 from exporter.legs import LEG_LABELS, CounterRow, Outcome, TallyKind, TallyLayout, TimingRow
+from exporter.rejections import COUNTED_REASONS, Reason
 from exporter.store import CallStore, StoreSnapshot, TimingSeries
 
 disable_created_metrics()
@@ -95,15 +96,6 @@ TALLY_METRICS = {
 }
 TIMING_METRICS = {TallyKind.RING: RING_SECONDS, TallyKind.TALK: TALK_SECONDS}
 
-REJECTION_REASONS = (
-    "malformed",
-    "invalid",
-    "unauthorized",
-    "unknown_account",
-    "too_large",
-    "method_not_allowed",
-    "store_unavailable",
-)
 INBOUND_OUTCOMES: tuple[Outcome, ...] = (
     Outcome.ANSWERED,
     Outcome.MISSED,
@@ -125,9 +117,9 @@ class RejectionCounter:
             registry=registry,
         )
         # Children looked up once (and so created at 0): labels() costs more than inc().
-        self._children = {reason: counter.labels(reason) for reason in REJECTION_REASONS}
+        self._children = {reason: counter.labels(reason) for reason in COUNTED_REASONS}
 
-    def count(self, reason: str) -> None:
+    def count(self, reason: Reason) -> None:
         self._children[reason].inc()
 
 

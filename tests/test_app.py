@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ACCOUNT, SECRET, Exporter, Samples, webhook
+from tests.conftest import ACCOUNT, SECRET, Exporter, Samples, ServerProcess, webhook
 
 GOOD = {"event_type": "onInCallingStart", "abon": "108", "secret": SECRET, "account_id": ACCOUNT}
 
@@ -41,6 +43,10 @@ BAD_BODIES: list[tuple[str, bytes, int, str, str | None]] = [
     ("json string", b'"onInCallingStart"', 400, "malformed", None),
     ("json null", b"null", 400, "malformed", None),
     ("bad utf-8", b'{"event_type": "\xff\xfe"}', 400, "malformed", None),
+    *(
+        (encoding, json.dumps(GOOD).encode(encoding), 400, "malformed", None)
+        for encoding in ("utf-16", "utf-16-le", "utf-32", "utf-32-be")
+    ),
     ("deep nesting", b"[" * 30_000 + b"]" * 30_000, 400, "malformed", None),
     ("huge integer", b'{"account_id": 1' + b"0" * 5000 + b"}", 400, "malformed", None),
     (
@@ -208,18 +214,6 @@ def test_body_just_under_the_limit_is_taken(exporter: Exporter) -> None:
     assert exporter.post(body).status_code == 200
 
 
-@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
-def test_wrong_method_on_the_webhook_gets_405_and_is_counted(
-    exporter: Exporter, method: str
-) -> None:
-    before = exporter.samples()
-    result = exporter.client.simulate_request(method, "/webhook")
-    assert result.status_code == 405
-    assert result.json["reason"] == "method_not_allowed"
-    assert "POST" in result.headers["Allow"]
-    assert_only_rejection_changed(before, exporter.samples(), "method_not_allowed")
-
-
 @pytest.mark.parametrize(
     "content_type", ["application/json", "text/plain", "application/x-www-form-urlencoded", None]
 )
@@ -309,7 +303,127 @@ def test_landing_page_links_the_endpoints_and_counts_active_calls(exporter: Expo
     assert "Active calls now: <b>1</b>" in result.text
 
 
-def test_unknown_path_is_404_json(exporter: Exporter) -> None:
-    result = exporter.client.simulate_get("/nope")
+def test_a_utf_8_byte_order_mark_before_the_json_is_accepted(exporter: Exporter) -> None:
+    assert exporter.post(json.dumps(GOOD).encode("utf-8-sig")).status_code == 200
+
+
+# -- methods and paths ----------------------------------------------------------------------------
+
+GET_ROUTES = ("/metrics", "/healthz", "/readyz", "/")
+SERVED = {"/webhook": ("POST",), **{route: ("GET", "HEAD") for route in GET_ROUTES}}
+METHODS = (
+    *("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "CONNECT"),
+    *("PROPFIND", "QUERY", "FOO", "WEBSOCKET"),  # WebDAV, a draft, unknown, Falcon's own
+)
+# The test client checks requests with wsgiref.validate, which warns about methods it does not know.
+any_method = pytest.mark.filterwarnings("ignore::wsgiref.validate.WSGIWarning")
+NOT_SERVED = [
+    (path, method) for path, served in SERVED.items() for method in METHODS if method not in served
+]
+
+
+@any_method
+@pytest.mark.parametrize(("path", "method"), NOT_SERVED)
+def test_a_method_a_route_does_not_serve_gets_405_with_allow_counted_only_on_the_webhook(
+    exporter: Exporter, path: str, method: str
+) -> None:
+    before = exporter.samples()
+    result = exporter.client.simulate_request(method, path, body=json.dumps(GOOD))
+    assert result.status_code == 405
+    assert result.headers["Allow"] == ", ".join(SERVED[path])
+    assert result.headers["Content-Type"] == "application/json"
+    if method != "HEAD":  # a HEAD answer has no body
+        assert result.json["status"] == "error"
+        assert result.json["reason"] == "method_not_allowed"
+    if path == "/webhook":
+        assert_only_rejection_changed(before, exporter.samples(), "method_not_allowed")
+    else:
+        assert exporter.samples() == before
+
+
+@pytest.mark.parametrize("path", GET_ROUTES)
+def test_head_answers_like_get_without_the_body(exporter: Exporter, path: str) -> None:
+    got = exporter.client.simulate_get(path)
+    head = exporter.client.simulate_head(path)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b""
+    assert head.headers["Content-Type"] == got.headers["Content-Type"]
+    assert head.headers["Content-Length"] == str(len(got.content))
+
+
+@any_method
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("path", ["/nope", "/webhook/extra", "/metrics.php", "/.env", "/./webhook"])
+def test_a_path_that_does_not_exist_is_404_not_found_and_counts_nothing(
+    exporter: Exporter, path: str, method: str
+) -> None:
+    before = exporter.samples()
+    result = exporter.client.simulate_request(method, path, body=json.dumps(GOOD))
     assert result.status_code == 404
-    assert result.json["status"] == "error"
+    if method != "HEAD":
+        assert result.json == {
+            "status": "error",
+            "reason": "not_found",
+            "error": "no such path; the endpoints are listed at /",
+        }
+    assert exporter.samples() == before
+
+
+@pytest.mark.parametrize("path", ["/webhook/", "//webhook", "/webhook%2F"])
+def test_a_refusal_on_a_path_falcon_routes_to_the_webhook_is_counted_too(
+    exporter: Exporter, path: str
+) -> None:
+    before = exporter.samples()
+    result = exporter.client.simulate_post(path, body=json.dumps({**GOOD, "secret": "guess"}))
+    assert result.status_code == 401
+    assert_only_rejection_changed(before, exporter.samples(), "unauthorized")
+
+
+def test_every_json_answer_is_one_line_ending_with_a_newline(exporter: Exporter) -> None:
+    assert exporter.post(GOOD).content == b'{"status":"ok"}\n'
+    assert exporter.client.simulate_get("/healthz").content == b'{"status":"ok"}\n'
+    assert exporter.client.simulate_get("/readyz").content == b'{"status":"ok"}\n'
+    for refused in (
+        exporter.post(b"not json"),
+        exporter.post({**GOOD, "abon": "!"}),
+        exporter.client.simulate_get("/nope"),
+        exporter.client.simulate_put("/metrics"),
+    ):
+        assert refused.status_code >= 400
+        assert refused.content.endswith(b"}\n")
+        assert refused.content.count(b"\n") == 1
+
+
+@pytest.mark.server
+def test_a_real_server_refuses_methods_it_does_not_serve_with_405(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    server = start_server(workers=1)
+    for method, path, status, allow in (
+        ("FOO", "/webhook", 405, "POST"),
+        ("PROPFIND", "/metrics", 405, "GET, HEAD"),
+        ("WEBSOCKET", "/healthz", 405, "GET, HEAD"),
+        ("OPTIONS", "/", 405, "GET, HEAD"),
+        ("FOO", "/nope", 404, None),
+    ):
+        answer = raw_request(server.port, f"{method} {path}")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode().split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in header_lines)
+        assert status_line.startswith(f"HTTP/1.1 {status} "), answer
+        assert headers.get("allow") == (allow.lower() if allow else None), answer
+        reason = "method_not_allowed" if status == 405 else "not_found"
+        assert json.loads(body)["reason"] == reason
+    assert rejected(server.samples(), "method_not_allowed") == 1
+    assert raw_request(server.port, "HEAD /healthz").startswith(b"HTTP/1.1 200 ")
+
+
+def raw_request(port: int, request_line: str) -> bytes:
+    """One request with a method urllib would not send, answered before the server closes."""
+    request = f"{request_line} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request.encode() + b"Connection: close\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)

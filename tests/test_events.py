@@ -11,11 +11,11 @@ from exporter.events import (
     EVENT_KINDS,
     CallEvent,
     Direction,
-    Rejection,
     Service,
     Step,
     WebhookParser,
 )
+from exporter.rejections import Rejection
 from tests.conftest import ACCOUNT, SECRET, all_webhooks, webhook
 
 parser = WebhookParser({ACCOUNT: SECRET, 555: "other-secret"})
@@ -177,3 +177,25 @@ def test_rejections_name_their_reason_and_field(
     assert (refused.reason, refused.field) == (reason, field)
     if field:
         assert field in refused.message
+
+
+START = {"event_type": "InboundCallStart", "secret": SECRET, "account_id": ACCOUNT}
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-be"])
+def test_only_utf_8_is_json_so_utf_16_and_utf_32_are_malformed(encoding: str) -> None:
+    body = json.dumps(START).encode(encoding)
+    refused = rejection(body)
+    assert (refused.reason, refused.field) == ("malformed", None)
+
+
+def test_a_utf_8_byte_order_mark_is_skipped() -> None:
+    body = json.dumps(START).encode("utf-8-sig")
+    assert body.startswith(b"\xef\xbb\xbf")
+    assert parser.parse(body).account == ACCOUNT
+
+
+def test_utf_8_encoded_surrogates_are_malformed() -> None:
+    # "\ud800" written as UTF-8 bytes (CESU-8): not UTF-8, though JSON could carry it escaped.
+    refused = rejection(b'{"secret": "\xed\xa0\x80", "account_id": 10123}')
+    assert (refused.reason, refused.message) == ("malformed", "body is not UTF-8")

@@ -6,12 +6,15 @@ import json
 import math
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from exporter.events import EVENT_KINDS
+from exporter.rejections import Reason
 from tests.conftest import ACCOUNT, SECRET, Exporter, Samples
 
+GOOD = {"event_type": "onInCallingStart", "abon": "108", "secret": SECRET, "account_id": ACCOUNT}
 FIELDS = ("event_type", "abon", "did", "did_mcn", "call_id", "billsec", "secret", "account_id")
 
 # Any code point, lone surrogates included: JSON can carry them, UTF-8 cannot.
@@ -131,3 +134,87 @@ def test_no_body_gets_a_5xx_and_a_refusal_only_moves_the_rejection_counter(
     assert rejection_delta(before, exporter.samples()) == {
         f"mcn_webhook_rejected_total{{'reason': '{reason}'}}": 1
     }
+
+
+# -- any method, path and headers ------------------------------------------------------------------
+
+METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "CONNECT"]
+# What gunicorn lets through: an RFC 9110 token of 3 to 20 characters without lower case or "#".
+method_tokens = (
+    st.sampled_from(["GET", "POST"])  # what the routes serve, so their refusals get tried too
+    | st.sampled_from([*METHODS, "PROPFIND", "QUERY", "WEBSOCKET"])
+    | st.from_regex(r"[A-Z0-9!$%&'*+.^_`|~-]{3,20}", fullmatch=True)
+)
+header_text = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=60)
+path_text = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30)
+paths = (
+    st.sampled_from(["/webhook", "/metrics", "/healthz", "/readyz", "/"])
+    | st.sampled_from(
+        [
+            *("/webhook/", "//webhook", "/webhook%2F", "/nope", "/%ff", "/%00", "/..", "/?"),
+            *("/webhook/..", "/metrics?x=%zz&x", "/metrics?name[]=x", "/readyz/"),
+        ]
+    )
+    | path_text.map(lambda text: "/" + text)
+)
+header_values = header_text | st.sampled_from(
+    [
+        *("", "-1", "abc", "1e3", " 5", "99999999999999999999", "0", "chunked", "100-continue"),
+        *("gzip;q=x", "gzip;q=-1", "*;q=1", "application/openmetrics-text; version=99"),
+        *("application/openmetrics-text; version=1.0.0; escaping=x", "*/*;q=abc"),
+        *("text/plain; charset=utf-16", "application/json; charset=latin-1", "bytes=0-1"),
+    ]
+)
+headers = st.dictionaries(
+    st.sampled_from(
+        [
+            # No Host: the test client parses it into the port it simulates. Content-Length
+            # below: it must be digits for the test client (gunicorn answers the others itself).
+            *("Content-Type", "Accept", "Accept-Encoding", "Accept-Charset"),
+            *("Transfer-Encoding", "Expect", "Connection", "X-Forwarded-For", "Range"),
+            *("If-None-Match", "If-Modified-Since", "Cookie", "Authorization", "Forwarded"),
+        ]
+    ),
+    header_values,
+    max_size=4,
+)
+content_lengths = st.none() | st.from_regex(r"[0-9]{1,20}", fullmatch=True)
+STATUS_OF_REASON = {str(reason): reason.status for reason in Reason}
+request_bodies = st.sampled_from([b"", json.dumps(GOOD).encode()]) | st.binary(max_size=100)
+
+
+@settings(
+    max_examples=1500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    method=method_tokens,
+    path=paths,
+    headers=headers,
+    content_length=content_lengths,
+    body=request_bodies,
+)
+@pytest.mark.filterwarnings("ignore::wsgiref.validate.WSGIWarning")  # about unknown methods
+def test_no_method_path_or_header_gets_a_5xx_and_every_error_has_the_one_shape(
+    exporter: Exporter,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    content_length: str | None,
+    body: bytes,
+) -> None:
+    if content_length is not None:
+        headers["Content-Length"] = content_length
+    result = exporter.client.simulate_request(method, path, headers=headers, body=body)
+    assert result.status_code < 500, result.text
+    event(f"HTTP {result.status_code}")
+    if result.status_code < 400 or method == "HEAD":
+        return
+    assert result.headers["Content-Type"] == "application/json"
+    assert result.content.endswith(b"}\n")
+    answer = result.json
+    assert answer["status"] == "error"
+    assert STATUS_OF_REASON[answer["reason"]] == result.status_code
+    if result.status_code == 405:
+        assert result.headers["Allow"] in ("POST", "GET, HEAD")

@@ -12,6 +12,7 @@ from exporter import __version__
 from exporter.config import DEFAULT_RING_BUCKETS, DEFAULT_TALK_BUCKETS
 from exporter.legs import TallyKind, TallyLayout
 from exporter.metrics import WorkerFilesCollector, initial_rows
+from exporter.rejections import COUNTED_REASONS
 from exporter.store import SqliteCallStore
 from tests.conftest import ACCOUNT, Exporter
 
@@ -230,3 +231,12 @@ def test_worker_files_are_summed_and_broken_ones_skipped(tmp_path: Path) -> None
         ("mcn_webhook_rejected_total", {"reason": "invalid"}, 5.0)
     ]
     assert not math.isnan(metric.samples[0].value)
+
+
+def test_rejection_series_are_the_counted_reasons_and_start_at_zero(exporter: Exporter) -> None:
+    series = exporter.samples()["mcn_webhook_rejected_total"]
+    assert series == {(("reason", str(reason)),): 0 for reason in COUNTED_REASONS}
+    assert {labels[0][1] for labels in series} == {
+        *("malformed", "invalid", "unauthorized", "unknown_account", "too_large"),
+        *("method_not_allowed", "store_unavailable"),
+    }

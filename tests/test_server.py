@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from exporter.metrics import REJECTION_REASONS
+from exporter.rejections import COUNTED_REASONS
 from tests.conftest import ACCOUNT, SECRET, Samples, ServerProcess, call_totals
 
 pytestmark = pytest.mark.server
@@ -86,7 +86,7 @@ def assert_matches_truth(samples: Samples, truth: dict[str, Any]) -> None:
 def assert_no_rejections(samples: Samples) -> None:
     """Every reason's series is shown, at zero: a missing series would also read as none."""
     rejected = samples.get("mcn_webhook_rejected_total", {})
-    assert rejected == {(("reason", reason),): 0.0 for reason in REJECTION_REASONS}
+    assert rejected == {(("reason", reason),): 0.0 for reason in COUNTED_REASONS}
 
 
 def events_delivered(server: ServerProcess) -> float:
