@@ -16,8 +16,8 @@ from exporter.calls import CallTracker, Clock, TrackerSettings
 from exporter.config import Config
 from exporter.events import MALFORMED, TOO_LARGE, Rejection, WebhookParser
 from exporter.legs import TallyLayout
-from exporter.metrics import RejectionCounter, Scrape, build_metrics
-from exporter.store import CallStore, SqliteCallStore, StoreUnavailable
+from exporter.metrics import RejectionCounter, Scrape, build_metrics, initial_rows
+from exporter.store import CallStore, SqliteCallStore, StoreSeed, StoreUnavailable
 
 log = logging.getLogger("exporter.http")
 
@@ -46,7 +46,8 @@ class Deps:
 def build_deps(
     config: Config, clock: Clock = time.time, multiprocess_dir: str | None = None
 ) -> Deps:
-    store = SqliteCallStore(Path(config.store.path), tally_layout(config))
+    layout = tally_layout(config)
+    store = SqliteCallStore(Path(config.store.path), layout, store_seed(config, layout))
     rejections, scrape = build_metrics(store, config, multiprocess_dir)
     settings = TrackerSettings(
         max_duration=config.calls.max_duration,
@@ -68,6 +69,16 @@ def tally_layout(config: Config) -> TallyLayout:
         ring_buckets=config.metrics.ring_buckets,
         talk_buckets=config.metrics.talk_buckets,
         timings_by_extension=config.metrics.histogram_extension_label,
+    )
+
+
+def store_seed(config: Config, layout: TallyLayout) -> StoreSeed:
+    """What the store starts a new file with, should its file be deleted while serving."""
+    return StoreSeed(
+        rows=tuple(initial_rows(config, layout)),
+        extensions=tuple(
+            (account, tuple(extensions)) for account, extensions in config.extensions.items()
+        ),
     )
 
 
