@@ -7,6 +7,8 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -343,3 +345,59 @@ def test_a_store_with_a_corrupt_header_is_refused_with_what_to_do(path: Path) ->
         file.write(b"\0" * 100)  # the database header
     with pytest.raises(StoreUnavailable, match="not a SQLite database or is corrupt"):
         SqliteCallStore(path, LAYOUT)
+
+
+FILE_SIZE_LIMIT_SCRIPT = """
+import resource, signal, sys
+from exporter.legs import TallyLayout
+from exporter.store import SqliteCallStore, StoreUnavailable
+from tests.test_store_failures import LAYOUT, add_leg
+import exporter.store
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+store = SqliteCallStore(sys.argv[1], LAYOUT)
+add_leg(store, "before")
+store.ping()
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+refused = 0
+for n in range(20):
+    try:
+        add_leg(store, f"full-{n}")
+    except StoreUnavailable:
+        refused += 1
+assert refused == 20, refused
+try:
+    store.ping()
+except StoreUnavailable as exc:
+    assert "the last write failed" in str(exc), exc
+else:
+    raise AssertionError("ready while every write fails")
+exporter.store.FAILURE_HOLD = 0.0
+try:
+    store.ping()  # the probe write fails too
+except StoreUnavailable:
+    pass
+else:
+    raise AssertionError("the probe wrote past the limit")
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+store.ping()
+add_leg(store, "after")
+store.close()
+print("ok")
+"""
+
+
+def test_ping_fails_while_writes_fail_for_lack_of_space_and_recovers(path: Path) -> None:
+    """RLIMIT_FSIZE makes every write to the store's files fail, as a full disk does."""
+    completed = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT_SCRIPT, str(path)],
+        capture_output=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert completed.returncode == 0, completed.stderr.decode()
+    assert completed.stdout.strip() == b"ok"
+    kept = stored_call_ids(path)
+    assert {"before", "after"} <= kept
+    assert not any(name.startswith("full-") for name in kept)
