@@ -528,7 +528,7 @@ class SqliteCallStore:
         with suppress(OSError):
             mode = self.path.stat().st_mode & 0o777
             if mode & 0o077:
-                # Left as the operator set it (a backup agent may read it); said once per start.
+                # Left as the operator set it (a backup agent may read it); said at each start.
                 log.warning(
                     "%s has mode %03o: it holds the key of the callers' number digests; "
                     "`chmod 600` it so that only the service user can read it",
