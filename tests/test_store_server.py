@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -124,3 +125,35 @@ def test_readyz_follows_whether_events_can_be_stored(start_server: StartServer) 
     assert set(post_starts(server, "after", 5).values()) == {200}
     for _ in range(10):
         assert server.get("/readyz")[0] == 200
+
+
+def test_a_store_file_deleted_under_concurrent_webhooks_keeps_every_later_acknowledgement(
+    start_server: StartServer,
+) -> None:
+    server = start_server(workers=2)
+    path = store_path(server)
+    deleted = threading.Event()
+    acknowledged_after: list[set[str]] = []
+
+    def client(n: int) -> None:
+        statuses = post_starts(server, f"c{n}-early", 30)
+        assert set(statuses.values()) == {200}
+        deleted.wait(timeout=60)
+        later = post_starts(server, f"c{n}-late", 30)
+        assert set(later.values()) == {200}
+        acknowledged_after.append(set(later))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # while the early starts are being posted
+    path.unlink()
+    deleted.set()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert len(acknowledged_after) == 4
+    kept = stored_call_ids(path)
+    for later in acknowledged_after:
+        assert later <= kept
+    assert started_total(server) == len(kept)
