@@ -339,10 +339,18 @@ def test_a_file_that_is_not_a_database_is_refused_with_what_to_do(path: Path) ->
     assert "\n" not in message
 
 
-def test_a_store_with_a_corrupt_header_is_refused_with_what_to_do(path: Path) -> None:
+@pytest.mark.parametrize(
+    ("offset", "data"),
+    [(0, b"\0" * 100), (100, b"\xff" * 3996)],
+    ids=["header", "schema"],
+)
+def test_a_store_with_a_corrupt_header_or_schema_is_refused_with_what_to_do(
+    path: Path, offset: int, data: bytes
+) -> None:
     SqliteCallStore(path, LAYOUT).close()
     with path.open("r+b") as file:
-        file.write(b"\0" * 100)  # the database header
+        file.seek(offset)
+        file.write(data)
     with pytest.raises(StoreUnavailable, match="not a SQLite database or is corrupt"):
         SqliteCallStore(path, LAYOUT)
 
