@@ -300,7 +300,7 @@ LANDING_PAGE = """<!doctype html>
 <ul>
 <li><a href="/metrics">/metrics</a>: Prometheus metrics</li>
 <li><a href="/healthz">/healthz</a>: process alive</li>
-<li><a href="/readyz">/readyz</a>: call store reachable</li>
+<li><a href="/readyz">/readyz</a>: events can be stored now</li>
 <li><code>POST {webhook}</code>: the URL to enter in the MCN Telecom portal</li>
 </ul>
 </body></html>

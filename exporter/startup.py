@@ -33,7 +33,7 @@ from exporter.calls import CallTracker, Clock, TrackerSettings
 from exporter.config import Config
 from exporter.events import WebhookParser
 from exporter.legs import TallyLayout
-from exporter.store import SqliteCallStore, StoreUnavailable
+from exporter.store import SqliteCallStore, StoreSeed, StoreUnavailable
 
 if TYPE_CHECKING:
     from exporter.app import Deps
@@ -107,6 +107,18 @@ def tally_layout(config: Config) -> TallyLayout:
     )
 
 
+def store_seed(config: Config, layout: TallyLayout) -> StoreSeed:
+    """What the store starts a new file with, should its file be deleted while serving."""
+    from exporter.metrics import initial_rows
+
+    return StoreSeed(
+        rows=tuple(initial_rows(config, layout)),
+        extensions=tuple(
+            (account, tuple(extensions)) for account, extensions in config.extensions.items()
+        ),
+    )
+
+
 def initialise_store(config: Config) -> None:
     """The schema and the zero series, once, in the master, before workers fork.
 
@@ -117,7 +129,7 @@ def initialise_store(config: Config) -> None:
     layout = tally_layout(config)
     path = Path(config.store.path)
     try:
-        store = SqliteCallStore(path, layout)
+        store = SqliteCallStore(path, layout, store_seed(config, layout))
         try:
             store.ensure_rows(initial_rows(config, layout))
             for account, extensions in config.extensions.items():
@@ -153,7 +165,8 @@ def build_deps(
     from exporter.app import Deps
     from exporter.metrics import build_metrics
 
-    store = SqliteCallStore(Path(config.store.path), tally_layout(config))
+    layout = tally_layout(config)
+    store = SqliteCallStore(Path(config.store.path), layout, store_seed(config, layout))
     rejections, scrape = build_metrics(store, config, multiprocess_dir)
     settings = TrackerSettings(
         max_duration=config.calls.max_duration,

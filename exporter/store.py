@@ -17,6 +17,8 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -43,10 +45,24 @@ MAX_BATCH = 32  # changes committed together at most
 CHECKPOINT_COMMITS = 100  # about as often as SQLite's default of 1,000 WAL pages
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint
+PROBE_FRESH = 1.0  # seconds a successful write stands for readiness without a write probe
+FAILURE_HOLD = 5.0  # seconds a failed write keeps the store unready, unless a write succeeds
+JOURNALS = ("-wal", "-shm")  # the files SQLite keeps next to the store, named after it
+FileId = tuple[int, int]  # (st_dev, st_ino): which file a path names
 
 
 class StoreUnavailable(Exception):
     """The store cannot be read or written right now (locked, disk full, file gone)."""
+
+
+@dataclass(frozen=True)
+class StoreSeed:
+    """What a new store file starts with: the configured series at zero, the configured
+    extensions' places. A worker that finds its file deleted recreates it alone, with these.
+    """
+
+    rows: tuple[CounterRow | TimingRow, ...] = ()
+    extensions: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -190,6 +206,7 @@ class _Checkpointer:
         self._commits = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stale = False
 
     def committed(self) -> None:
         """Called under the store's write lock after each COMMIT."""
@@ -206,6 +223,10 @@ class _Checkpointer:
                 log.warning("cannot start the checkpoint thread: %s", exc)
                 return
         self._due.set()
+
+    def reconnect(self) -> None:
+        """The store moved to another file: the next round opens a connection to it."""
+        self._stale = True
 
     def stop(self) -> None:
         """Called under the store's write lock: no commit can start a thread behind it."""
@@ -228,6 +249,10 @@ class _Checkpointer:
                 self._due.clear()
                 if self._stopping:
                     return
+                if self._stale and connection is not None:
+                    self._stale = False
+                    connection.close()
+                    connection = None
                 try:
                     connection = connection or self._connect()
                     connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -245,11 +270,20 @@ class SqliteCallStore:
     `<store>.lock`, which the kernel hands over the moment it is released. SQLite's own busy
     handler, which sleeps 1, 2, 5 ... 100 ms between tries however soon the lock comes free, is
     left for writers from outside. The threads that queue together share one commit.
+
+    The file is followed by its path: a change is acknowledged only if, after its COMMIT, the
+    path still names the file it went to. When the file is deleted or replaced, the next use
+    opens what is at the path, or creates a new store there, with `seed`.
     """
 
-    def __init__(self, path: str | Path, layout: TallyLayout) -> None:
+    def __init__(
+        self, path: str | Path, layout: TallyLayout, seed: StoreSeed | None = None
+    ) -> None:
         self.path = Path(path)
         self.layout = layout
+        self._seed = seed or StoreSeed()
+        # mode=rw: only the writer, under the process lock, may create the file (with our mode).
+        self._uri = f"file:{urllib.parse.quote(os.fspath(self.path.absolute()))}?mode=rw"
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -257,6 +291,10 @@ class SqliteCallStore:
         # Opened in the process that writes: a flock is shared by every copy of its descriptor,
         # so a descriptor inherited through fork would not keep two workers apart.
         self._writer: sqlite3.Connection | None = None
+        # Which files the writer has open (the store, its -wal and -shm), and how many times
+        # the store has moved to another file: readers opened before then reopen.
+        self._files: dict[str, FileId | None] = {}
+        self._generation = 0
         # The open group-commit transaction, and how many threads wait to add to it.
         self._batch: _Batch | None = None
         self._waiting = 0
@@ -265,10 +303,13 @@ class SqliteCallStore:
         # SQLite connections and locks do not survive a fork: a store serves one process.
         self._owner_pid = os.getpid()
         self._closed = False
-        self._inode = 0
         self._checkpoints = _Checkpointer(self._open)
         self._party_key = b""
-        self._guard(self._initialise)
+        # Readiness: when a write last succeeded and last failed (monotonic), and why.
+        self._write_ok_at: float | None = None
+        self._write_failed_at: float | None = None
+        self._write_error = ""
+        self._initialise()
 
     # -- CallStore -----------------------------------------------------------------------------
 
@@ -290,8 +331,7 @@ class SqliteCallStore:
                 self._waiting -= 1
         failure: BaseException | None = None
         try:
-            self._check_usable()
-            batch = self._batch or self._open_batch()
+            batch = self._join_batch()
             connection = batch.connection
             first = batch.size == 0  # the first change has the whole transaction to itself
             try:
@@ -310,14 +350,18 @@ class SqliteCallStore:
             self._write_lock.release()
         if failure is not None:
             if isinstance(failure, sqlite3.Error):
+                self._note_write(failure)
                 raise StoreUnavailable(str(failure)) from failure
             raise failure
         batch.wait()
         if batch.error is not None:
+            if isinstance(batch.error, StoreUnavailable):
+                raise batch.error
             raise StoreUnavailable(str(batch.error)) from batch.error
 
     def snapshot(self) -> StoreSnapshot:
         self._check_usable()
+        self._follow_path()
         return self._guard(self._read_snapshot)
 
     def ensure_rows(self, rows: Iterable[CounterRow | TimingRow]) -> None:
@@ -326,21 +370,25 @@ class SqliteCallStore:
 
     def reserve_extensions(self, account: int, extensions: Iterable[str]) -> None:
         with self.transaction() as tx:
-            tx.connection.executemany(
-                "INSERT OR IGNORE INTO extensions VALUES (?, ?)",
-                [(account, extension) for extension in extensions],
-            )
+            tx.reserve_extensions(account, extensions)
 
     def ping(self) -> None:
-        """Readable, and still the file at `path` (not deleted or replaced under us)."""
+        """Whether an event could be stored now, in the file at `path`.
+
+        Unready while the last write failed (for FAILURE_HOLD at most, unless one succeeds);
+        ready if a write succeeded within PROBE_FRESH; otherwise a probe writes what an event
+        writes, through the same indexes, and commits.
+        """
         self._check_usable()
-        self._guard(lambda: self._connection().execute("SELECT count(*) FROM meta").fetchone())
-        try:
-            inode = self.path.stat().st_ino
-        except OSError as exc:
-            raise StoreUnavailable(f"{self.path}: {exc.strerror}") from exc
-        if inode != self._inode:
-            raise StoreUnavailable(f"{self.path} was replaced since it was opened")
+        now = time.monotonic()
+        failed_at, ok_at = self._write_failed_at, self._write_ok_at
+        if failed_at is not None and (ok_at is None or failed_at >= ok_at):
+            if now - failed_at < FAILURE_HOLD:
+                raise StoreUnavailable(f"{self.path}: the last write failed: {self._write_error}")
+        elif ok_at is not None and now - ok_at < PROBE_FRESH and self._is_current():
+            return
+        with self.transaction() as tx:
+            tx.probe()
 
     def close(self) -> None:
         """Commits the changes already made; later calls raise StoreUnavailable."""
@@ -362,45 +410,205 @@ class SqliteCallStore:
                     connection.close()
                 self._connections.clear()
 
-    # -- inside --------------------------------------------------------------------------------
+    # -- opening the file ----------------------------------------------------------------------
 
     def _initialise(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._write_lock:
             self._lock_processes()
             try:
-                meta = self._create_schema(self._write_connection())
+                existed = self.path.exists()
+                self._open_file(reopening=False)
             finally:
                 self._unlock_processes()
-        if meta["schema_version"] != SCHEMA_VERSION:
-            raise StoreUnavailable(
-                f"{self.path} holds schema version {meta['schema_version']}, this exporter "
-                f"reads version {SCHEMA_VERSION}"
-            )
-        self._party_key = bytes.fromhex(meta["party_key"])
-        self._inode = self.path.stat().st_ino
+        if existed:
+            self._warn_if_readable_by_others()
 
-    def _create_schema(self, connection: sqlite3.Connection) -> dict[str, str]:
+    def _open_file(self, reopening: bool) -> None:
+        """Make the file at `path` this store's, creating it if missing.
+
+        The caller holds both write locks. The file is named before and after SQLite opens it:
+        if the two differ, it was replaced meanwhile and which one SQLite has is unknown.
+        """
+        self._make_directory()
+        before = self._create_file()
+        try:
+            connection = self._open()
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from exc
+        try:
+            meta = self._create_schema(connection, seed=reopening)
+            after = _file_id(self.path)
+            if after != before:
+                raise StoreUnavailable(f"{self.path} was replaced while it was being opened")
+            if meta["schema_version"] != SCHEMA_VERSION:
+                raise StoreUnavailable(
+                    f"{self.path} holds schema version {meta['schema_version']}, this "
+                    f"exporter reads version {SCHEMA_VERSION}"
+                )
+        except sqlite3.Error as exc:
+            connection.close()
+            raise self._unusable(exc) from exc
+        except BaseException:
+            connection.close()
+            raise
+        self._party_key = bytes.fromhex(meta["party_key"])
+        old, self._writer = self._writer, connection
+        with self._connections_lock:
+            self._connections.append(connection)
+        # Named while the writer holds them open, so no other file can have their numbers.
+        self._files = {"": after, **{s: _file_id(f"{self.path}{s}") for s in JOURNALS}}
+        self._generation += 1
+        self._checkpoints.reconnect()
+        if old is not None:
+            # SQLite neither checkpoints nor deletes the journals of a file that has moved.
+            self._forget(old)
+
+    def _create_schema(self, connection: sqlite3.Connection, seed: bool) -> dict[str, str]:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("BEGIN IMMEDIATE")
-        for statement in SCHEMA.split(";"):
-            if statement.strip():
-                connection.execute(statement)
-        connection.execute(
-            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
-        )
-        connection.execute(
-            "INSERT OR IGNORE INTO meta VALUES ('party_key', ?)", (secrets.token_hex(16),)
-        )
-        meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-        connection.execute("COMMIT")
+        try:
+            new = not connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'meta'"
+            ).fetchone()
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            connection.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+            )
+            connection.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('party_key', ?)", (secrets.token_hex(16),)
+            )
+            if new or seed:
+                tx = _SqliteTransaction(connection, self.layout, b"")
+                tx.ensure_rows(self._seed.rows)
+                for account, extensions in self._seed.extensions:
+                    tx.reserve_extensions(account, extensions)
+            meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+            connection.execute("COMMIT")
+        except BaseException:
+            _rollback(connection)
+            raise
         return meta
+
+    def _make_directory(self) -> None:
+        """The store's directory and any missing parent, for the service user only."""
+        missing: list[Path] = []
+        directory = self.path.parent
+        while not directory.exists():
+            missing.append(directory)
+            directory = directory.parent
+        try:
+            for directory in reversed(missing):
+                with suppress(FileExistsError):
+                    os.mkdir(directory, 0o700)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create {directory}: {exc.strerror}") from exc
+
+    def _create_file(self) -> FileId | None:
+        """The file at `path`, created for the service user only if missing.
+
+        SQLite gives the -wal and -shm it creates the mode of the store file. An existing
+        file is not opened here: closing a descriptor of a file drops every lock this process
+        holds on it, SQLite's included.
+        """
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return _file_id(self.path)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create {self.path}: {exc.strerror}") from exc
+        try:
+            status = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return status.st_dev, status.st_ino
+
+    def _warn_if_readable_by_others(self) -> None:
+        with suppress(OSError):
+            mode = self.path.stat().st_mode & 0o777
+            if mode & 0o077:
+                # Left as the operator set it (a backup agent may read it); said at each start.
+                log.warning(
+                    "%s has mode %03o: it holds the key of the callers' number digests; "
+                    "`chmod 600` it so that only the service user can read it",
+                    self.path,
+                    mode,
+                )
+
+    def _unusable(self, exc: sqlite3.Error) -> StoreUnavailable:
+        name = getattr(exc, "sqlite_errorname", "")
+        if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+            return StoreUnavailable(
+                f"{self.path} is not a SQLite database or is corrupt ({exc}): restore it from "
+                "a backup, or move it away to start with an empty store"
+            )
+        return StoreUnavailable(f"cannot open the call store {self.path}: {exc}")
+
+    # -- following the file at `path` ------------------------------------------------------------
+
+    def _is_current(self) -> bool:
+        """`path` still names the file the writer has open."""
+        return self._writer is not None and _file_id(self.path) == self._files.get("")
+
+    def _follow_path(self) -> None:
+        if not self._is_current():
+            with self._write_lock:
+                self._check_usable()
+                if not self._is_current():
+                    self._reopen()
+
+    def _reopen(self) -> None:
+        """Open what is now at `path`, or a new store there; the caller holds `_write_lock`."""
+        if self._batch is not None:
+            self._end_batch(self._batch, commit=True)  # it went to the old file: refused
+        self._lock_processes(follow=True)
+        try:
+            self._discard_old_journals()
+            created = not self.path.exists()
+            self._open_file(reopening=True)
+        finally:
+            self._unlock_processes()
+        log.warning(
+            "%s was deleted or replaced while in use: %s; changes written to the old file "
+            "since were refused",
+            self.path,
+            "created a new, empty store" if created else "opened the file now there",
+        )
+
+    def _discard_old_journals(self) -> None:
+        """Remove the -wal and -shm of the old file if they are still at their paths.
+
+        SQLite would pair them with the file now at `path` and read the old file's pages as
+        its own. They are known for certain: the writer still holds them open.
+        """
+        for suffix in JOURNALS:
+            name = f"{self.path}{suffix}"
+            old = self._files.get(suffix)
+            if old is not None and _file_id(name) == old:
+                with suppress(FileNotFoundError):
+                    os.unlink(name)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _join_batch(self) -> _Batch:
+        """The open batch, or a new one in the file at `path`; the caller holds `_write_lock`."""
+        self._check_usable()
+        if self._batch is not None:
+            return self._batch
+        try:
+            if not self._is_current():
+                self._reopen()
+            return self._open_batch()
+        except StoreUnavailable as exc:
+            self._note_write(exc)
+            raise
 
     def _open_batch(self) -> _Batch:
         """BEGIN IMMEDIATE under the cross-process lock; the caller holds `_write_lock`."""
         self._lock_processes()
         try:
-            connection = self._guard(self._write_connection)
+            connection = self._write_connection()
             self._guard(lambda: connection.execute("BEGIN IMMEDIATE"))
         except BaseException:
             self._unlock_processes()
@@ -426,27 +634,53 @@ class SqliteCallStore:
             if commit:
                 batch.connection.execute("COMMIT")
                 self._checkpoints.committed()
+                if not self._is_current():
+                    # Committed to a file no longer at `path`: lost at the next start.
+                    batch.error = StoreUnavailable(
+                        f"{self.path} was deleted or replaced: the change was not kept"
+                    )
             else:
                 _rollback(batch.connection)
         except sqlite3.Error as exc:
             batch.error = exc
             _rollback(batch.connection)
         finally:
+            if commit or batch.error is not None:
+                self._note_write(batch.error)
             try:
                 self._unlock_processes()
             finally:
                 batch.done.release()
 
-    def _lock_processes(self) -> None:
-        """The cross-process write lock; the caller holds `_write_lock`."""
-        if self._lock_fd < 0:
-            try:
-                self._lock_fd = os.open(
-                    f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-                )
-            except OSError as exc:
-                raise StoreUnavailable(f"cannot open {self.path}.lock: {exc}") from exc
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+    def _note_write(self, error: BaseException | None) -> None:
+        """What readiness goes by: whether the latest write stored its change."""
+        if error is None:
+            self._write_ok_at = time.monotonic()
+        else:
+            self._write_failed_at = time.monotonic()
+            self._write_error = str(error)
+
+    def _lock_processes(self, follow: bool = False) -> None:
+        """The cross-process write lock; the caller holds `_write_lock`.
+
+        With `follow`, a lock file deleted or replaced since it was opened is reopened, so
+        that processes recreating the store take the same lock.
+        """
+        for _ in range(10):
+            if self._lock_fd < 0:
+                try:
+                    self._make_directory()
+                    self._lock_fd = os.open(
+                        f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                    )
+                except OSError as exc:
+                    raise StoreUnavailable(f"cannot open {self.path}.lock: {exc}") from exc
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            if not follow or _file_id(f"{self.path}.lock") == _fd_id(self._lock_fd):
+                return
+            os.close(self._lock_fd)  # also unlocks it
+            self._lock_fd = -1
+        raise StoreUnavailable(f"{self.path}.lock keeps being replaced")
 
     def _unlock_processes(self) -> None:
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -469,24 +703,34 @@ class SqliteCallStore:
         connection has written: a writer per thread would only multiply resident memory.
         """
         if self._writer is None:
-            self._writer = self._open()
-            with self._connections_lock:
-                self._connections.append(self._writer)
+            raise StoreUnavailable(f"{self.path}: the store is not open")
         return self._writer
 
+    # -- reading -------------------------------------------------------------------------------
+
     def _connection(self) -> sqlite3.Connection:
-        """This thread's connection for reading."""
+        """This thread's connection for reading, to the file the writer has open."""
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is not None and self._local.generation != self._generation:
+            self._forget(connection)
+            connection = None
         if connection is None:
+            generation = self._generation
             connection = self._open()
-            self._local.connection = connection
+            self._local.connection, self._local.generation = connection, generation
             with self._connections_lock:
                 self._connections.append(connection)
         return connection
 
+    def _forget(self, connection: sqlite3.Connection) -> None:
+        with self._connections_lock, suppress(ValueError):
+            self._connections.remove(connection)
+        connection.close()
+
     def _open(self) -> sqlite3.Connection:
         connection = sqlite3.connect(
-            self.path,
+            self._uri,
+            uri=True,
             isolation_level=None,
             check_same_thread=False,
             timeout=BUSY_TIMEOUT_MS / 1000,
@@ -663,6 +907,31 @@ class _SqliteTransaction:
             (account, service.value, at),
         )
 
+    def reserve_extensions(self, account: int, extensions: Iterable[str]) -> None:
+        self.connection.executemany(
+            "INSERT OR IGNORE INTO extensions VALUES (?, ?)",
+            [(account, extension) for extension in extensions],
+        )
+
+    def probe(self) -> None:
+        """Write what events write, through the indexes they use, and take it back.
+
+        Committed by the caller: the pages it changed go to disk as an event's would.
+        """
+        for call_id, party in (("probe", None), (None, "probe")):
+            self.connection.execute(
+                "INSERT INTO legs (account, service, direction, abon, extension, party,"
+                " call_id, opened_at) VALUES (-1, '', '', '', '', ?, ?, 0)",
+                (party, call_id),
+            )
+        self.connection.execute("UPDATE legs SET closed_at = 0 WHERE account = -1")
+        self.connection.execute("DELETE FROM legs WHERE account = -1")
+        self.connection.execute(
+            "INSERT INTO counters VALUES ('probe', '[]', 1)"
+            " ON CONFLICT DO UPDATE SET value = value + 1"
+        )
+        self.connection.execute("DELETE FROM counters WHERE kind = 'probe'")
+
     def ensure_rows(self, rows: Iterable[CounterRow | TimingRow]) -> None:
         counters, timings = [], []
         for row in rows:
@@ -710,6 +979,20 @@ class _SqliteTransaction:
             return None
         digest = hmac.new(self._party_key, did.encode(), hashlib.sha256)
         return digest.hexdigest()[:16]
+
+
+def _file_id(path: str | Path) -> FileId | None:
+    """Which file `path` names now, or None if none (or it cannot be looked up)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _fd_id(fd: int) -> FileId:
+    status = os.fstat(fd)
+    return status.st_dev, status.st_ino
 
 
 def _rollback(connection: sqlite3.Connection, statement: str = "ROLLBACK") -> None:

@@ -273,6 +273,39 @@ def test_an_old_leg_that_never_started_does_not_swallow_a_new_call(
     assert sum(store.snapshot().active.values()) == 1
 
 
+def test_a_closed_leg_with_call_id_absorbs_a_late_copy_after_23_hours_of_cleanups(
+    tracker: CallTracker, store: SqliteCallStore, clock: FakeClock
+) -> None:
+    tracker.on_event(event("onInCallingStart", call_id="late"))
+    tracker.on_event(event("onInCallingEnd", call_id="late", billsec=30))
+    for _ in range(23):
+        clock.advance(3600)
+        tracker.expire_stale()  # each scrape runs the hourly-due cleanup first
+    assert tracker.on_event(event("onInCallingEnd", call_id="late", billsec=30)) is (
+        Disposition.DUPLICATE
+    )
+    assert tracker.on_event(event("onInCallingStart", call_id="late")) is Disposition.DUPLICATE
+    assert ended(store) == {(str(ACCOUNT), "vpbx", "inbound", "108", "answered"): 1}
+    assert not store.snapshot().counters.get(TallyKind.UNMATCHED, {}).get(("onInCallingEnd",))
+
+
+def test_an_expired_leg_without_call_id_absorbs_its_end_after_cleanups(
+    tracker: CallTracker, store: SqliteCallStore, clock: FakeClock
+) -> None:
+    tracker.on_event(event("onInCallingStart", did="+1"))
+    clock.advance(4 * 3600 + 60)
+    assert tracker.expire_stale() == 1
+    for _ in range(3):
+        # Past the cleanup interval and the duplicate window: cleanups run before the end.
+        clock.advance(3600)
+        assert tracker.expire_stale() == 0
+    assert tracker.on_event(event("onInCallingEnd", did="+1", billsec=20000)) is (
+        Disposition.DUPLICATE
+    )
+    assert ended(store) == {(str(ACCOUNT), "vpbx", "inbound", "108", "expired"): 1}
+    assert not store.snapshot().counters.get(TallyKind.UNMATCHED, {}).get(("onInCallingEnd",))
+
+
 def test_end_of_a_call_that_outlived_max_duration_changes_nothing_more(
     tracker: CallTracker, store: SqliteCallStore, clock: FakeClock
 ) -> None:

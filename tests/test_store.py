@@ -210,16 +210,6 @@ def test_closing_commits_the_open_batch_and_refuses_later_changes(
         store.snapshot()
 
 
-def test_ping_fails_once_the_file_is_deleted(tmp_path: Path) -> None:
-    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
-    store.ping()
-    for path in tmp_path.glob("calls.sqlite3*"):
-        path.unlink()
-    with pytest.raises(StoreUnavailable):
-        store.ping()
-    store.close()
-
-
 def test_a_forked_child_cannot_write_through_its_parents_store(tmp_path: Path) -> None:
     store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
     pid = os.fork()
