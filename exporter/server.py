@@ -18,6 +18,7 @@ from gunicorn.app.base import BaseApplication
 
 from exporter.config import Config
 from exporter.logs import configure_logging, gunicorn_log_config
+from exporter.worker import worker_class
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 log = logging.getLogger("exporter.server")
@@ -85,8 +86,9 @@ def gunicorn_options(config: Config, bind: str | None, workers: int | None) -> d
     return {
         "bind": bind or config.server.bind,
         "workers": workers or config.server.workers,
-        # gthread keeps connections alive for a provider that posts directly, with no proxy.
-        "worker_class": "gthread",
+        # gthread keeps connections alive for a provider that posts directly, with no proxy; this
+        # one gives its threads only whole requests, so slow or silent clients hold none.
+        "worker_class": worker_class(config.server),
         "threads": config.server.threads,
         "timeout": int(config.server.timeout),
         "graceful_timeout": 30,
