@@ -81,31 +81,40 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
     def accept(self, listener: socket.socket) -> None:
         try:
             accepted, address = listener.accept()
-        except BlockingIOError:
-            return
-        except ConnectionAbortedError:
+        except (BlockingIOError, ConnectionAbortedError):
             return
         self.nr_conns += 1
         sock = TimedSocket.adopt(accepted, self.settings.client_timeout)
         conn = BufferedConn(self, sock, address, listener.getsockname())
-        self.await_request(conn)
+        conn.deadline = time.monotonic() + self.settings.client_timeout
+        self.keep_reading(conn)
 
     def on_client_socket_readable(self, conn: BufferedConn, client: socket.socket) -> None:
-        """A kept-alive connection starts its next request: it has client_timeout to send it."""
+        """A kept-alive connection starts its next request: it has client_timeout to send it.
+
+        Mostly the whole request is in already: read it before registering the socket again.
+        """
         self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
-        self.await_request(conn)
+        conn.deadline = time.monotonic() + self.settings.client_timeout
         self.receive(conn, client)
 
-    def await_request(self, conn: BufferedConn) -> None:
-        conn.deadline = time.monotonic() + self.settings.client_timeout
-        self.reading.add(conn)
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.receive, conn))
+    def keep_reading(self, conn: BufferedConn) -> None:
+        if conn not in self.reading:
+            self.reading.add(conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.receive, conn))
+
+    def stop_reading(self, conn: BufferedConn) -> None:
+        if conn in self.reading:
+            self.reading.discard(conn)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(conn.sock)
 
     def receive(self, conn: BufferedConn, client: socket.socket) -> None:
         try:
             data = client.recv(RECEIVE_BYTES)
         except (BlockingIOError, InterruptedError):
+            self.keep_reading(conn)
             return
         except OSError:
             data = b""
@@ -130,6 +139,7 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
         if isinstance(step, Waiting):
             if step.send_continue:
                 self.send_now(conn.sock, CONTINUE)
+            self.keep_reading(conn)
         elif isinstance(step, Complete):
             self.stop_reading(conn)
             conn.request = step.request
@@ -149,11 +159,6 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
         self.send_now(conn.sock, refusal.response())
         self.nr_conns -= 1
         self.linger(conn.sock)
-
-    def stop_reading(self, conn: BufferedConn) -> None:
-        self.reading.discard(conn)
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self.poller.unregister(conn.sock)
 
     @staticmethod
     def send_now(sock: socket.socket, data: bytes) -> None:
@@ -178,7 +183,7 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
     def on_client_socket_readable_buffered(self, conn: BufferedConn) -> None:
         self.poller.unregister(conn.sock)
         self.keepalived_conns.remove(conn)
-        self.await_request(conn)
+        conn.deadline = time.monotonic() + self.settings.client_timeout
         self.advance(conn, b"")
 
     # -- closing, by the loop ------------------------------------------------------------------
