@@ -11,11 +11,16 @@ head alone, for gunicorn's parser to refuse.
 from __future__ import annotations
 
 import json
+import re
 import string
 from dataclasses import dataclass
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 HEX_DIGITS = frozenset(string.hexdigits.encode())
+# The fields that frame a body, as gunicorn reads them (no space before the colon).
+FRAMING_FIELD = re.compile(
+    rb"^(content-length|transfer-encoding|expect):(.*?)\r?$", re.IGNORECASE | re.MULTILINE
+)
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,16 @@ class Limits:
 class Head:
     end: int  # offset just past the blank line
     request_line: bytes
-    fields: tuple[bytes, ...]  # header lines, as sent, without their line ends
+    block: bytes  # the header lines and the empty line after them, as sent
     content_length: int | None
     chunked: bool
     expects_continue: bool
     unclear: bool  # framing gunicorn will refuse: hand the head on alone
+
+    @property
+    def fields(self) -> tuple[bytes, ...]:
+        """The header lines without their line ends."""
+        return tuple(_chomp(line) for line in self.block.split(b"\n")[:-2])
 
 
 @dataclass(frozen=True)
@@ -88,12 +98,12 @@ def parse_head(data: bytes, limits: Limits) -> Head | Refusal | None:
         return _incomplete_head_refusal(data, limits)
     if end > limits.header_section:
         return headers_too_large(f"header section over {limits.header_section} bytes")
-    lines = [_chomp(line) for line in data[first_end + 1 : end].split(b"\n")[:-2]]
-    if len(lines) > limits.header_fields:
+    block = data[first_end + 1 : end]
+    if block.count(b"\n") - 1 > limits.header_fields:
         return headers_too_large(f"over {limits.header_fields} header fields")
-    if any(len(line) > limits.header_field_size for line in lines):
+    if max(map(len, block.split(b"\n"))) > limits.header_field_size + len(b"\r"):
         return headers_too_large(f"a header field over {limits.header_field_size} bytes")
-    return _framing(_chomp(data[:first_end]), tuple(lines), end)
+    return _framing(_chomp(data[:first_end]), block, end)
 
 
 def _chomp(line: bytes) -> bytes:
@@ -117,24 +127,24 @@ def _incomplete_head_refusal(data: bytes, limits: Limits) -> Refusal | None:
     return None
 
 
-def _framing(request_line: bytes, lines: tuple[bytes, ...], end: int) -> Head:
+def _framing(request_line: bytes, block: bytes, end: int) -> Head:
     lengths: list[bytes] = []
     codings: list[bytes] = []
     expects_continue = False
-    for line in lines:
-        name, value = _field(line)
+    for match in FRAMING_FIELD.finditer(block):
+        name, value = match[1].lower(), match[2].strip()
         if name == b"content-length":
             lengths.append(value)
         elif name == b"transfer-encoding":
             codings += [coding.strip().lower() for coding in value.split(b",")]
-        elif _is_expect_continue(line):
+        elif value.lower() == b"100-continue":
             # HTTP/1.0 clients cannot expect it (RFC 9110, 10.1.1): gunicorn ignores it too.
             expects_continue = not request_line.endswith(b"HTTP/1.0")
     chunked = bool(codings) and codings[-1] == b"chunked"
     unclear = bool(codings) and (not chunked or bool(lengths))
     unclear = unclear or len(lengths) > 1 or (bool(lengths) and not lengths[0].isdigit())
     content_length = int(lengths[0]) if len(lengths) == 1 and not unclear else None
-    return Head(end, request_line, lines, content_length, chunked, expects_continue, unclear)
+    return Head(end, request_line, block, content_length, chunked, expects_continue, unclear)
 
 
 def _field(line: bytes) -> tuple[bytes, bytes]:
