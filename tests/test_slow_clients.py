@@ -6,6 +6,7 @@ The slow-client kinds come from bench/slowclients.py, shared with the benchmark.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import sys
 import time
@@ -175,3 +176,13 @@ def test_pipelined_chunked_and_kept_alive_requests_are_all_answered(
     assert answer.count(b"HTTP/1.1 200 OK") == 4, answer
     events = server.samples()["mcn_webhook_events_total"]
     assert sum(events.values()) == 3
+
+
+def test_a_stopping_server_does_not_wait_on_slow_clients(start_server: StartServer) -> None:
+    server = start_server(workers=2, server={"client_timeout": "5s"})
+    with SlowClients("127.0.0.1", server.port, 40, 0.5):
+        time.sleep(1.0)
+        started = time.monotonic()
+        assert server.stop(signal.SIGTERM) == 0
+        # Silent ones are dropped at once, the others at their deadline: not graceful_timeout.
+        assert time.monotonic() - started < 5.0 + CLOSE_MARGIN + 5.0
