@@ -184,5 +184,5 @@ def test_a_stopping_server_does_not_wait_on_slow_clients(start_server: StartServ
         time.sleep(1.0)
         started = time.monotonic()
         assert server.stop(signal.SIGTERM) == 0
-        # Silent ones are dropped at once, the others at their deadline: not graceful_timeout.
+        # Silent ones are dropped within 2 s, the others at their deadline: not graceful_timeout.
         assert time.monotonic() - started < 5.0 + CLOSE_MARGIN + 5.0
