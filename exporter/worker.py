@@ -26,6 +26,7 @@ from exporter.framing import CONTINUE, Complete, Limits, Refusal, RequestAssembl
 RECEIVE_BYTES = 64 * 1024
 LINGER_SECONDS = 2.0  # gunicorn's own graceful close: time and bytes read before closing
 LINGER_BYTES = 64 * 1024
+SWEEP_SECONDS = 0.25  # how often deadlines are checked (and at least once a second)
 
 
 class TimedSocket(socket.socket):
@@ -75,6 +76,7 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
         )
         self.reading: set[BufferedConn] = set()
         self.lingering: dict[socket.socket, float] = {}
+        self.next_sweep = 0.0
 
     # -- connections waiting for a whole request, in the loop --------------------------------
 
@@ -220,6 +222,9 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
         """gthread's sweep, run every turn of the loop: also requests and closes past due."""
         super().murder_pending()
         now = time.monotonic()
+        if now < self.next_sweep:  # the loop turns once per batch of events: not every time
+            return
+        self.next_sweep = now + SWEEP_SECONDS
         if not self.alive:  # stopping: a connection that has sent nothing gets no more time
             for conn in self.reading:
                 if not conn.assembly.buffered:
