@@ -10,12 +10,15 @@ Sections (`--sections`, default all):
   rate    the same at a fixed, moderate rate (latency, not saturation);
   render  /metrics at 100, 1,000 and 10,000 label sets against plain `generate_latest`;
   memory  the whole server's memory with 0, 10,000 and 100,000 open call legs;
-  soak    a steady rate for --soak-seconds: memory at the start and the end, errors.
+  soak    a steady rate for --soak-seconds: memory at the start and the end, errors;
+  slow    legitimate webhooks and scrapes while --slow-clients slow connections are held open
+          (idle, one byte, headers trickled, body trickled; each replaced when the server closes
+          it), then how long the server takes to close them.
 
 It prints a markdown table with each ratio and whether its target holds, and writes the table
 and the raw figures to bench/results/. `--candidate NAME=DIR` adds, to the ingest and rate
-sections, an exporter imported from another source tree (a scratch copy with a change to
-measure), in the same rounds.
+and slow sections, an exporter imported from another source tree (a scratch copy with a change
+to measure), in the same rounds.
 """
 
 from __future__ import annotations
@@ -52,13 +55,18 @@ from benchkit import (
     write_config,
     wrk_path,
 )
+from slowclients import SlowClients, Timings, timed_request
 
-SECTIONS = ("ingest", "rate", "render", "memory", "soak")
+SECTIONS = ("ingest", "rate", "render", "memory", "soak", "slow")
 THROUGHPUT_TARGET = 0.8  # x the ceiling's events per second, at least
 P99_TARGET = 2.0  # x the ceiling's p99 latency, at most
 RENDER_TARGET = 2.0  # x plain generate_latest at the largest size, at most
 LEG_BYTES_TARGET = 1024  # per open call leg, at most
 SOAK_GROWTH_TARGET = 0.05  # RSS growth over the soak, at most
+SLOW_P99_TARGET_MS = 1000.0  # legitimate requests' p99 with the slow clients connected, at most
+CLIENT_TIMEOUT = 10.0  # server.client_timeout's default, which the bench configs keep
+CLOSE_MARGIN = 1.5  # the worker's sweep runs once a second
+LEGIT_TIMEOUT = 5.0  # a legitimate request not answered by then counts as failed
 
 
 @dataclass
@@ -76,6 +84,7 @@ class Options:
     memory_legs: tuple[int, ...]
     soak_seconds: float
     soak_warmup: float
+    slow_clients: int
     candidates: dict[str, str]
     output: Path | None
     keep: bool
@@ -435,6 +444,113 @@ def soak(options: Options, workdir: Path, report: Report) -> None:
     )
 
 
+# -- 6: slow clients ----------------------------------------------------------------------------
+
+
+def slow(options: Options, workdir: Path, report: Report) -> None:
+    """One server at a time (the slow clients would load the others): legitimate latency, then
+    how long the slow connections stay."""
+    trees: dict[str, str | None] = {"exporter": None, **options.candidates}
+    for name, tree in trees.items():
+        config = write_config(workdir / "slow", name, options.threads)
+        server = Server.exporter(name, config, _workers(options), workdir / "slow", tree)
+        with server:
+            figures = _slow_round(server, options)
+        report.raw.setdefault("slow", {})[name] = figures
+        log(
+            f"slow {name}: {figures['answered']}/{figures['sent']} answered, "
+            f"p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
+            f"longest slow connection {figures['longest_s']:.1f} s, "
+            f"{figures['left_open']} left open"
+        )
+        _slow_rows(report, options, name, figures)
+
+
+def _slow_round(server: Server, options: Options) -> dict[str, Any]:
+    timings = Timings()
+    with SlowClients("127.0.0.1", server.port, options.slow_clients, replenish=True) as clients:
+        time.sleep(2.0)  # every kind has started
+        _legitimate_traffic(server, options.seconds, timings)
+        held = clients.open_count()
+        clients.replenish = False
+        closing_started = time.monotonic()
+        clients.wait_all_closed(CLIENT_TIMEOUT + CLOSE_MARGIN + 2)
+        left_open = clients.open_count()
+        lifetimes = [t for kind in clients.lifetimes().values() for t in kind]
+        opened = len(clients.connections)
+    sent = len(timings.seconds) + len(timings.failures)
+    # A request not answered within LEGIT_TIMEOUT counts as that slow, at least.
+    timings.seconds += [LEGIT_TIMEOUT] * len(timings.failures)
+    return {
+        "sent": sent,
+        "answered": sent - len(timings.failures),
+        "failures": timings.failures[:5],
+        "p50_ms": timings.percentile(0.5) * 1000,
+        "p99_ms": timings.percentile(0.99) * 1000,
+        "max_ms": max(timings.seconds, default=0.0) * 1000,
+        "slow_held": held,
+        "slow_opened": opened,
+        "longest_s": max(lifetimes, default=0.0),
+        "left_open": left_open,
+        "closing_s": time.monotonic() - closing_started,
+    }
+
+
+def _legitimate_traffic(server: Server, seconds: float, timings: Timings) -> None:
+    """20 webhooks/s and a scrape a second, each on a new connection, on a fixed schedule (a
+    stalled request does not hold back the next)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=128) as pool:
+        for tick in range(int(seconds * 20)):
+            time.sleep(max(0.0, started + tick / 20 - time.monotonic()))
+            body = webhook("onInCallingStart", str(100 + tick % 50), f"slow-{started}-{tick}")
+            pool.submit(
+                timed_request, "127.0.0.1", server.port, "POST", "/webhook", body, timings,
+                LEGIT_TIMEOUT,
+            )  # fmt: skip
+            if tick % 20 == 0:
+                pool.submit(
+                    timed_request, "127.0.0.1", server.port, "GET", "/metrics", None, timings,
+                    LEGIT_TIMEOUT,
+                )  # fmt: skip
+
+
+def _slow_rows(report: Report, options: Options, name: str, figures: dict[str, Any]) -> None:
+    label = "" if name == "exporter" else f" [{name}]"
+    count = options.slow_clients
+    report.add(
+        "6",
+        f"{count} slow clients: legitimate requests answered / sent{label}",
+        f"{figures['answered']:,} / {figures['sent']:,}",
+        "—",
+        "—",
+        "all",
+        verdict(figures["answered"] == figures["sent"]),
+    )
+    p99_target = f"< {SLOW_P99_TARGET_MS:,.0f}"
+    report.add(
+        "6",
+        f"{count} slow clients: legitimate p50 / p99 (ms){label}",
+        f"{figures['p50_ms']:.1f} / {figures['p99_ms']:.1f}",
+        "—",
+        "—",
+        f"p99 {p99_target}",
+        verdict(figures["p99_ms"] < SLOW_P99_TARGET_MS),
+    )
+    limit = CLIENT_TIMEOUT + CLOSE_MARGIN
+    report.add(
+        "6",
+        f"slow connections: longest open (s); still open after {limit + 2:g} s{label}",
+        f"{figures['longest_s']:.1f}; {figures['left_open']}",
+        "—",
+        "—",
+        f"≤ {limit:g} s; 0",
+        verdict(figures["longest_s"] <= limit and figures["left_open"] == 0),
+    )
+
+
 # -- command line ------------------------------------------------------------------------------
 
 
@@ -456,12 +572,13 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--memory-legs", help="open legs (10000,100000; quick 1000,10000)")
     parser.add_argument("--soak-seconds", type=float, help="soak length (600; quick 20)")
     parser.add_argument("--soak-warmup", type=float, help="traffic before the start reading (30)")
+    parser.add_argument("--slow-clients", type=int, default=200, help="slow connections (200)")
     parser.add_argument(
         "--candidate",
         action="append",
         default=[],
         metavar="NAME=DIR",
-        help="also load an exporter imported from this source tree (ingest, rate)",
+        help="also load an exporter imported from this source tree (ingest, rate, slow)",
     )
     parser.add_argument(
         "--output", default=str(BENCH_DIR / "results"), help="where to write results ('' = none)"
@@ -493,6 +610,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         memory_legs=_sizes(args.memory_legs or ("1000,10000" if quick else "10000,100000")),
         soak_seconds=args.soak_seconds or (20.0 if quick else 600.0),
         soak_warmup=args.soak_warmup if args.soak_warmup is not None else (5 if quick else 30),
+        slow_clients=args.slow_clients,
         candidates=candidates,
         output=Path(args.output) if args.output else None,
         keep=args.keep,
@@ -518,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         "render": lambda work: render(options, work, report),
         "memory": lambda work: memory(options, work, report),
         "soak": lambda work: soak(options, work, report),
+        "slow": lambda work: slow(options, work, report),
     }
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="mcn-bench-"))

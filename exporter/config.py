@@ -36,6 +36,8 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024
     webhook_path: str = "/webhook"
     timeout: float = 30.0
+    # A connection that has not delivered a whole request by then is closed.
+    client_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,7 @@ class _Reader:
             ),
             webhook_path=path,
             timeout=self.duration(section, "server.timeout", default.timeout),
+            client_timeout=self.duration(section, "server.client_timeout", default.client_timeout),
         )
 
     def accounts(self, doc: object) -> dict[int, AccountConfig]:

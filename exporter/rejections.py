@@ -33,6 +33,9 @@ class Reason(StrEnum):
     # Never counted: a scanner trying paths is not a webhook refused.
     NOT_FOUND = "not_found", HTTPStatus.NOT_FOUND, False
     INTERNAL = "internal", HTTPStatus.INTERNAL_SERVER_ERROR, False
+    # Answered by the worker before the app sees the request (anyone can send them).
+    URI_TOO_LONG = "uri_too_long", HTTPStatus.REQUEST_URI_TOO_LONG, False
+    HEADERS_TOO_LARGE = "headers_too_large", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, False
 
 
 COUNTED_REASONS = tuple(reason for reason in Reason if reason.counted)

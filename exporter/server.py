@@ -26,6 +26,7 @@ from exporter.startup import (
     initialise_store,
     prepare_metrics_dir,
 )
+from exporter.worker import worker_class
 
 if TYPE_CHECKING:
     from exporter.app import Deps
@@ -80,8 +81,9 @@ def gunicorn_options(config: Config, bind: str | None, workers: int | None) -> d
     return {
         "bind": bind or config.server.bind,
         "workers": workers or config.server.workers,
-        # gthread keeps connections alive for a provider that posts directly, with no proxy.
-        "worker_class": "gthread",
+        # gthread keeps connections alive for a provider that posts directly, with no proxy; this
+        # one gives its threads only whole requests, so slow or silent clients hold none.
+        "worker_class": worker_class(config.server),
         "threads": config.server.threads,
         "timeout": int(config.server.timeout),
         "graceful_timeout": GRACEFUL_TIMEOUT,

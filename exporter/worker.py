@@ -1,0 +1,242 @@
+"""The gunicorn worker: gthread, with each request buffered whole before a thread takes it.
+
+gunicorn's gthread worker hands a connection to a thread as soon as it is readable, and the
+thread then blocks until the request is in: a few clients that send a byte and stop hold every
+thread. Here the worker's own selector loop reads each connection without blocking until a whole
+request is in (framed by exporter.framing), with a deadline (`server.client_timeout`) after which
+the connection is closed; only then does a thread parse it, with gunicorn's parser, from memory.
+Threads also read and write with that timeout, and connections are closed (lingering to read
+what the client still sends, so it gets the answer rather than a reset) by the loop, not a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+import time
+from functools import partial
+from typing import Any
+
+from gunicorn.workers.gthread import TConn, ThreadWorker
+
+from exporter.config import ServerConfig
+from exporter.framing import CONTINUE, Complete, Limits, Refusal, RequestAssembly, Waiting
+
+RECEIVE_BYTES = 64 * 1024
+LINGER_SECONDS = 2.0  # gunicorn's own graceful close: time and bytes read before closing
+LINGER_BYTES = 64 * 1024
+SWEEP_SECONDS = 0.25  # how often deadlines are checked (and at least once a second)
+
+
+class TimedSocket(socket.socket):
+    """A client socket whose "blocking" mode times out, so no thread waits on a client forever."""
+
+    timeout_seconds: float = 10.0
+
+    @classmethod
+    def adopt(cls, accepted: socket.socket, timeout: float) -> TimedSocket:
+        sock = cls(accepted.family, accepted.type, accepted.proto, fileno=accepted.detach())
+        sock.timeout_seconds = timeout
+        return sock
+
+    def setblocking(self, flag: bool) -> None:
+        self.settimeout(self.timeout_seconds if flag else 0.0)
+
+
+class BufferedConn(TConn):  # type: ignore[misc]
+    """A gthread connection with the bytes of its request, buffered by the worker's loop."""
+
+    def __init__(self, worker: BufferingWorker, sock: TimedSocket, client: Any, server: Any):
+        super().__init__(worker.cfg, sock, client, server)
+        self.worker = worker
+        self.assembly = RequestAssembly(worker.limits)
+        self.deadline = 0.0
+        self.request = b""
+
+    def close(self, graceful: bool = False) -> None:
+        if graceful:
+            self.worker.linger(self.sock)
+        else:
+            super().close()
+
+
+class BufferingWorker(ThreadWorker):  # type: ignore[misc]
+    """gthread that gives a thread only whole requests; see the module's docstring."""
+
+    settings = ServerConfig()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = Limits(
+            request_line=self.cfg.limit_request_line,
+            header_fields=self.cfg.limit_request_fields,
+            header_field_size=self.cfg.limit_request_field_size,
+            body=self.settings.max_body_bytes,
+        )
+        self.reading: set[BufferedConn] = set()
+        self.lingering: dict[socket.socket, float] = {}
+        self.next_sweep = 0.0
+
+    # -- connections waiting for a whole request, in the loop --------------------------------
+
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            accepted, address = listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return
+        self.nr_conns += 1
+        sock = TimedSocket.adopt(accepted, self.settings.client_timeout)
+        conn = BufferedConn(self, sock, address, listener.getsockname())
+        conn.deadline = time.monotonic() + self.settings.client_timeout
+        self.keep_reading(conn)
+
+    def on_client_socket_readable(self, conn: BufferedConn, client: socket.socket) -> None:
+        """A kept-alive connection starts its next request: it has client_timeout to send it.
+
+        Mostly the whole request is in already: read it before registering the socket again.
+        """
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        conn.deadline = time.monotonic() + self.settings.client_timeout
+        self.receive(conn, client)
+
+    def keep_reading(self, conn: BufferedConn) -> None:
+        if conn not in self.reading:
+            self.reading.add(conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.receive, conn))
+
+    def stop_reading(self, conn: BufferedConn) -> None:
+        if conn in self.reading:
+            self.reading.discard(conn)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(conn.sock)
+
+    def receive(self, conn: BufferedConn, client: socket.socket) -> None:
+        try:
+            data = client.recv(RECEIVE_BYTES)
+        except (BlockingIOError, InterruptedError):
+            self.keep_reading(conn)
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.end_of_input(conn)
+        else:
+            self.advance(conn, data)
+
+    def end_of_input(self, conn: BufferedConn) -> None:
+        """The client closed its side, or reset, before its request was whole."""
+        self.stop_reading(conn)
+        partial_request = conn.assembly.cut_short()
+        if partial_request is None:
+            self.nr_conns -= 1
+            conn.close()
+        else:  # the app answers a cut body as malformed, and counts it
+            conn.request = partial_request.request
+            self.enqueue_req(conn)
+
+    def advance(self, conn: BufferedConn, data: bytes) -> None:
+        step = conn.assembly.add(data)
+        if isinstance(step, Waiting):
+            if step.send_continue:
+                self.send_now(conn.sock, CONTINUE)
+            self.keep_reading(conn)
+        elif isinstance(step, Complete):
+            self.stop_reading(conn)
+            conn.request = step.request
+            self.enqueue_req(conn)
+        elif isinstance(step, Refusal):
+            self.refuse(conn, step)
+
+    def refuse(self, conn: BufferedConn, refusal: Refusal) -> None:
+        # Not a warning: anyone could fill the logs with these (gunicorn's level hides info).
+        self.log.info(
+            "Invalid request from ip=%s: %s %s",
+            conn.client[0] if isinstance(conn.client, tuple) else conn.client,
+            refusal.reason.status.value,
+            refusal.message,
+        )
+        self.stop_reading(conn)
+        self.send_now(conn.sock, refusal.response())
+        self.nr_conns -= 1
+        self.linger(conn.sock)
+
+    @staticmethod
+    def send_now(sock: socket.socket, data: bytes) -> None:
+        """Small answers fit the socket's buffer; a client that fills it gets none."""
+        with contextlib.suppress(OSError):
+            sock.send(data)
+
+    # -- the thread: gunicorn parses the buffered request -------------------------------------
+
+    def handle(self, conn: BufferedConn) -> Any:
+        conn.init()  # the parser, over the socket, on the connection's first request
+        conn.parser.unreader.unread(conn.request)
+        conn.request = b""
+        return super().handle(conn)
+
+    def finish_request(self, conn: BufferedConn, fs: Any) -> None:
+        super().finish_request(conn, fs)
+        # Bytes of a pipelined request are already buffered: the socket will not signal them.
+        if conn.assembly.buffered and conn in self.keepalived_conns:
+            self.on_client_socket_readable_buffered(conn)
+
+    def on_client_socket_readable_buffered(self, conn: BufferedConn) -> None:
+        self.poller.unregister(conn.sock)
+        self.keepalived_conns.remove(conn)
+        conn.deadline = time.monotonic() + self.settings.client_timeout
+        self.advance(conn, b"")
+
+    # -- closing, by the loop ------------------------------------------------------------------
+
+    def linger(self, sock: socket.socket) -> None:
+        """Send FIN, read what the client still sends for a while, then close (RFC 9112 9.6)."""
+        try:
+            sock.setblocking(False)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        self.lingering[sock] = time.monotonic() + LINGER_SECONDS
+        self.poller.register(sock, selectors.EVENT_READ, partial(self.drain, [0]))
+
+    def drain(self, drained: list[int], sock: socket.socket) -> None:
+        try:
+            data = sock.recv(RECEIVE_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        drained[0] += len(data)
+        if not data or drained[0] >= LINGER_BYTES:
+            self.close_lingering(sock)
+
+    def close_lingering(self, sock: socket.socket) -> None:
+        del self.lingering[sock]
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.poller.unregister(sock)
+        sock.close()
+
+    def murder_pending(self) -> None:
+        """gthread's sweep, run every turn of the loop: also requests and closes past due."""
+        super().murder_pending()
+        now = time.monotonic()
+        if now < self.next_sweep:  # the loop turns once per batch of events: not every time
+            return
+        self.next_sweep = now + SWEEP_SECONDS
+        if not self.alive:  # stopping: a connection that has sent nothing gets no more time
+            for conn in self.reading:
+                if not conn.assembly.buffered:
+                    conn.deadline = min(conn.deadline, now + LINGER_SECONDS)
+        for conn in [conn for conn in self.reading if conn.deadline <= now]:
+            self.stop_reading(conn)
+            self.nr_conns -= 1
+            conn.close()
+        for sock in [sock for sock, deadline in self.lingering.items() if deadline <= now]:
+            self.close_lingering(sock)
+
+
+def worker_class(settings: ServerConfig) -> type[BufferingWorker]:
+    """The worker class gunicorn loads, carrying the server settings it needs."""
+    return type("BufferingWorker", (BufferingWorker,), {"settings": settings})
