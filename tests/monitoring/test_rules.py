@@ -4,8 +4,11 @@ case per alert."""
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +20,8 @@ from tests.monitoring.conftest import (
     REPO,
     RULE_FILES,
     RUNBOOKS,
+    Alertmanager,
+    http_json,
     iter_panels,
     load_dashboard,
     load_yaml,
@@ -24,8 +29,11 @@ from tests.monitoring.conftest import (
     run,
     shipped_alerts,
     shipped_rules,
+    start_alert_receiver,
+    start_alertmanager,
     variable_query,
     variables,
+    wait_until,
 )
 
 # SPEC §3: the exporter's metrics (names are fixed), and the samples they expose.
@@ -355,6 +363,7 @@ def test_example_prometheus_config_is_valid_and_loads_every_rule_file() -> None:
     [
         (["alertname=MCNMissedCallSpike", "severity=critical", "account=1"], "mcn-oncall"),
         (["alertname=MCNExporterDown", "severity=critical"], "mcn-oncall"),
+        (["alertname=MCNExporterReplicaDown", "severity=warning", "instance=a"], "mcn-team"),
         (["alertname=MCNWebhookFeedSilent", "severity=critical", "account=1"], "mcn-oncall"),
         (["alertname=MCNHighMissedRatio", "severity=warning", "account=1"], "mcn-team"),
         (["alertname=MCNWebhookUnauthorized", "severity=warning"], "mcn-team"),
@@ -380,6 +389,59 @@ def test_every_severity_has_a_route_and_every_inhibited_alert_exists() -> None:
             match = re.fullmatch(r'alertname=~?"([^"]+)"', matcher)
             assert match, matcher
             assert set(match[1].split("|")) <= names, matcher
+
+
+def _post_alerts(alertmanager: Alertmanager, alerts: list[dict[str, str]]) -> None:
+    body = json.dumps([{"labels": labels} for labels in alerts]).encode()
+    request = urllib.request.Request(
+        f"{alertmanager.url}/api/v2/alerts",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+
+
+def _muted(alertmanager: Alertmanager) -> dict[str, bool]:
+    """alertname -> whether Alertmanager inhibits it, over the alerts it holds."""
+    alerts = http_json(f"{alertmanager.url}/api/v2/alerts")
+    return {a["labels"]["alertname"]: bool(a["status"]["inhibitedBy"]) for a in alerts}
+
+
+def test_one_replica_down_mutes_nothing_and_all_down_mutes_the_call_alerts(
+    tmp_path: Path,
+) -> None:
+    """The example's inhibitions, by a real Alertmanager: a replica down of several leaves the
+    call alerts (the other replicas still count the calls); the exporter down mutes them, and
+    the replica warnings under it."""
+    config = load_yaml(PROMETHEUS_DIR / "alertmanager.yml")
+    with start_alert_receiver() as receiver:
+        for route in config["receivers"]:
+            for webhook in route.get("webhook_configs", []):
+                webhook["url"] = f"{receiver.url}/{route['name']}"
+        with start_alertmanager(config, tmp_path) as alertmanager:
+            _check_inhibitions(alertmanager)
+
+
+def _check_inhibitions(alertmanager: Alertmanager) -> None:
+    job = {"job": "mcn-exporter"}
+    replica_down = {"alertname": "MCNExporterReplicaDown", "severity": "warning", **job}
+    _post_alerts(
+        alertmanager,
+        [
+            {**replica_down, "instance": "a:9880"},
+            {"alertname": "MCNMissedCallSpike", "severity": "critical", "account": "1"},
+            {"alertname": "MCNCallsExpiring", "severity": "warning", "account": "1"},
+        ],
+    )
+    held = {"MCNExporterReplicaDown", "MCNMissedCallSpike", "MCNCallsExpiring"}
+    wait_until("the alerts", lambda: set(_muted(alertmanager)) == held, timeout=60)
+    assert not any(_muted(alertmanager).values()), _muted(alertmanager)
+
+    _post_alerts(alertmanager, [{"alertname": "MCNExporterDown", "severity": "critical", **job}])
+    every = {**dict.fromkeys(held, True), "MCNExporterDown": False}
+    wait_until("the inhibitions", lambda: _muted(alertmanager) == every, timeout=60)
 
 
 def test_a_silent_feed_pages_once_for_all_accounts() -> None:
