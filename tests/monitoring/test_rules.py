@@ -4,7 +4,11 @@ case per alert."""
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +20,8 @@ from tests.monitoring.conftest import (
     REPO,
     RULE_FILES,
     RUNBOOKS,
+    Alertmanager,
+    http_json,
     iter_panels,
     load_dashboard,
     load_yaml,
@@ -23,8 +29,11 @@ from tests.monitoring.conftest import (
     run,
     shipped_alerts,
     shipped_rules,
+    start_alert_receiver,
+    start_alertmanager,
     variable_query,
     variables,
+    wait_until,
 )
 
 # SPEC §3: the exporter's metrics (names are fixed), and the samples they expose.
@@ -158,7 +167,7 @@ def _names_in(expr: str) -> set[str]:
     return set(re.findall(r"\b(?:[a-z_]+:[a-z0-9_]+:[a-z0-9_]+|mcn_[a-z_]+)\b", expr))
 
 
-def _referenced_expressions() -> list[tuple[str, str]]:
+def _referenced_expressions(with_variables: bool = True) -> list[tuple[str, str]]:
     found = [
         (f"{r['_file']} {r.get('record') or r.get('alert')}", r["expr"]) for r in shipped_rules()
     ]
@@ -167,7 +176,8 @@ def _referenced_expressions() -> list[tuple[str, str]]:
         for panel in iter_panels(dashboard["panels"]):
             found += [(f"{path.name} {panel['title']}", t["expr"]) for t in panel["targets"]]
         for var in variables(dashboard).values():
-            if var["type"] == "query":
+            # label_values() of a variable lists distinct values: replicas do not matter there.
+            if var["type"] == "query" and with_variables:
                 found.append((f"{path.name} ${var['name']}", variable_query(var)))
     return found
 
@@ -181,6 +191,153 @@ def test_rules_and_dashboards_use_only_spec_metrics_and_recorded_series() -> Non
         if name not in SPEC_SAMPLES and name not in recorded
     ]
     assert unknown == []
+
+
+# Replicas sharing one call store all expose these the same (read at slightly different moments).
+SHARED_METRICS = {
+    "mcn_active_calls",
+    "mcn_calls_started_total",
+    "mcn_calls_ended_total",
+    "mcn_call_ring_seconds",
+    "mcn_call_talk_seconds",
+    "mcn_webhook_events_total",
+    "mcn_call_events_unmatched_total",
+    "mcn_last_event_timestamp_seconds",
+    "mcn_extension_overflow_total",
+}
+# Each replica has its own: summed over the replicas (rejections), or per replica.
+PER_REPLICA_METRICS = {
+    "mcn_webhook_rejected_total",
+    "mcn_exporter_build_info",
+    "mcn_extension_info",
+}
+SHARED_SAMPLES = {
+    sample
+    for sample in SPEC_SAMPLES
+    if re.sub(r"_(bucket|count|sum)$", "", sample) in SHARED_METRICS
+}
+AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values"}
+AGGREGATIONS |= {"bottomk", "topk", "quantile"}
+COUNTER_FUNCTIONS = {"rate", "irate", "increase", "resets"}
+
+
+@dataclass(frozen=True)
+class Call:
+    """A function or aggregation whose parentheses enclose a point of a PromQL expression."""
+
+    name: str  # "" for plain parentheses
+    grouping: str  # "by", "without" or ""
+    labels: frozenset[str]
+
+
+def _blank(expr: str) -> str:
+    """expr with the insides of strings and comments blanked, every position kept."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', lambda m: '"' + " " * (len(m[0]) - 2) + '"', expr)
+    return re.sub(r"#[^\n]*", lambda m: " " * len(m[0]), expr)
+
+
+def _call_opening_at(expr: str, opening: int) -> Call:
+    before = expr[:opening]
+    grouped = re.search(r"(\w+)\s*(by|without)\s*\(([^()]*)\)\s*$", before)
+    if grouped:
+        return Call(grouped[1], grouped[2], frozenset(re.findall(r"\w+", grouped[3])))
+    named = re.search(r"(\w+)\s*$", before)
+    name = named[1] if named else ""
+    depth, closing = 0, opening
+    for closing in range(opening, len(expr)):
+        depth += {"(": 1, ")": -1}.get(expr[closing], 0)
+        if depth == 0:
+            break
+    trailing = re.match(r"\s*(by|without)\s*\(([^()]*)\)", expr[closing + 1 :])
+    if name in AGGREGATIONS and trailing:
+        return Call(name, trailing[1], frozenset(re.findall(r"\w+", trailing[2])))
+    return Call(name, "", frozenset())
+
+
+def enclosing_calls(expr: str, position: int) -> list[Call]:
+    """The calls around expr[position], innermost first."""
+    calls, depth = [], 0
+    for index in range(position - 1, -1, -1):
+        if expr[index] == ")":
+            depth += 1
+        elif expr[index] == "(":
+            if depth:
+                depth -= 1
+            else:
+                calls.append(_call_opening_at(expr, index))
+    return calls
+
+
+def _collapses_instances(call: Call) -> bool:
+    if call.grouping == "without":
+        return "instance" in call.labels
+    return "instance" not in call.labels
+
+
+def replica_faults(expr: str) -> list[str]:
+    """Why expr would count a total of the shared store once per replica, or worse.
+
+    Every selector of a shared metric must first meet, outside any rate()/increase() around it,
+    a max() that drops instance (`max without (instance)`, or `max by (...)` without it), and no
+    rate()/increase() may be taken of that max (a dying replica would make it dip: a reset)."""
+    blanked = _blank(expr)
+    faults = []
+    for found in re.finditer(r"(?<![\w:])(mcn_[a-z_]+)\b", blanked):
+        if found[1] not in SHARED_SAMPLES:
+            continue
+        calls = enclosing_calls(blanked, found.start())
+        aggregations = [i for i, call in enumerate(calls) if call.name in AGGREGATIONS]
+        if not aggregations:
+            faults.append(f"{found[1]}: one series per replica, not collapsed")
+            continue
+        first = calls[aggregations[0]]
+        if first.name != "max" or not _collapses_instances(first):
+            faults.append(f"{found[1]}: {first.name} over the replicas before collapsing them")
+        outside = {call.name for call in calls[aggregations[0] + 1 :]}
+        if outside & COUNTER_FUNCTIONS:
+            faults.append(f"{found[1]}: rate() or increase() of a max over the replicas")
+    return faults
+
+
+@pytest.mark.parametrize(
+    ("expr", "faults"),
+    [
+        ("sum by (account) (max without (instance) (rate(mcn_calls_started_total[5m])))", 0),
+        ('max by (account) (mcn_last_event_timestamp_seconds{job="x"} > 0)', 0),
+        (
+            "histogram_quantile(0.5, sum by (le) (max without (instance, pod) ("
+            "rate(mcn_call_ring_seconds_bucket[5m]))))",
+            0,
+        ),
+        ("sum(max(increase(mcn_calls_ended_total[1h])) by (account, outcome))", 0),
+        ("sum(mcn_webhook_rejected_total) + sum(account:mcn_calls_started:rate5m)", 0),
+        ('sum(rate(mcn_calls_ended_total{outcome=~"(missed)"}[5m]))', 1),
+        ("sum by (account) (mcn_active_calls)", 1),
+        ("mcn_active_calls", 1),
+        ("max by (instance, account) (rate(mcn_calls_started_total[5m]))", 1),
+        ("max without (job) (rate(mcn_calls_started_total[5m]))", 1),
+        ("rate(max without (instance) (mcn_calls_started_total)[5m:])", 1),
+        ("sum(max(mcn_calls_ended_total) by (instance))", 1),
+        ("topk(3, sum by (le) (rate(mcn_call_talk_seconds_bucket[5m])))", 1),
+    ],
+)
+def test_replica_faults_finds_totals_counted_per_replica(expr: str, faults: int) -> None:
+    assert len(replica_faults(expr)) == faults, replica_faults(expr)
+
+
+def test_every_metric_is_either_shared_or_per_replica() -> None:
+    assert set(SPEC_METRICS) == SHARED_METRICS | PER_REPLICA_METRICS
+    assert not SHARED_METRICS & PER_REPLICA_METRICS
+
+
+def test_rules_and_dashboards_collapse_replicas_before_summing_shared_totals() -> None:
+    """Several replicas on one store expose the same totals: counted once, whatever their number."""
+    faults = [
+        (where, fault)
+        for where, expr in _referenced_expressions(with_variables=False)
+        for fault in replica_faults(expr)
+    ]
+    assert faults == []
 
 
 def test_recording_rule_names_follow_the_convention() -> None:
@@ -206,6 +363,7 @@ def test_example_prometheus_config_is_valid_and_loads_every_rule_file() -> None:
     [
         (["alertname=MCNMissedCallSpike", "severity=critical", "account=1"], "mcn-oncall"),
         (["alertname=MCNExporterDown", "severity=critical"], "mcn-oncall"),
+        (["alertname=MCNExporterReplicaDown", "severity=warning", "instance=a"], "mcn-team"),
         (["alertname=MCNWebhookFeedSilent", "severity=critical", "account=1"], "mcn-oncall"),
         (["alertname=MCNHighMissedRatio", "severity=warning", "account=1"], "mcn-team"),
         (["alertname=MCNWebhookUnauthorized", "severity=warning"], "mcn-team"),
@@ -231,6 +389,59 @@ def test_every_severity_has_a_route_and_every_inhibited_alert_exists() -> None:
             match = re.fullmatch(r'alertname=~?"([^"]+)"', matcher)
             assert match, matcher
             assert set(match[1].split("|")) <= names, matcher
+
+
+def _post_alerts(alertmanager: Alertmanager, alerts: list[dict[str, str]]) -> None:
+    body = json.dumps([{"labels": labels} for labels in alerts]).encode()
+    request = urllib.request.Request(
+        f"{alertmanager.url}/api/v2/alerts",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+
+
+def _muted(alertmanager: Alertmanager) -> dict[str, bool]:
+    """alertname -> whether Alertmanager inhibits it, over the alerts it holds."""
+    alerts = http_json(f"{alertmanager.url}/api/v2/alerts")
+    return {a["labels"]["alertname"]: bool(a["status"]["inhibitedBy"]) for a in alerts}
+
+
+def test_one_replica_down_mutes_nothing_and_all_down_mutes_the_call_alerts(
+    tmp_path: Path,
+) -> None:
+    """The example's inhibitions, by a real Alertmanager: a replica down of several leaves the
+    call alerts (the other replicas still count the calls); the exporter down mutes them, and
+    the replica warnings under it."""
+    config = load_yaml(PROMETHEUS_DIR / "alertmanager.yml")
+    with start_alert_receiver() as receiver:
+        for route in config["receivers"]:
+            for webhook in route.get("webhook_configs", []):
+                webhook["url"] = f"{receiver.url}/{route['name']}"
+        with start_alertmanager(config, tmp_path) as alertmanager:
+            _check_inhibitions(alertmanager)
+
+
+def _check_inhibitions(alertmanager: Alertmanager) -> None:
+    job = {"job": "mcn-exporter"}
+    replica_down = {"alertname": "MCNExporterReplicaDown", "severity": "warning", **job}
+    _post_alerts(
+        alertmanager,
+        [
+            {**replica_down, "instance": "a:9880"},
+            {"alertname": "MCNMissedCallSpike", "severity": "critical", "account": "1"},
+            {"alertname": "MCNCallsExpiring", "severity": "warning", "account": "1"},
+        ],
+    )
+    held = {"MCNExporterReplicaDown", "MCNMissedCallSpike", "MCNCallsExpiring"}
+    wait_until("the alerts", lambda: set(_muted(alertmanager)) == held, timeout=60)
+    assert not any(_muted(alertmanager).values()), _muted(alertmanager)
+
+    _post_alerts(alertmanager, [{"alertname": "MCNExporterDown", "severity": "critical", **job}])
+    every = {**dict.fromkeys(held, True), "MCNExporterDown": False}
+    wait_until("the inhibitions", lambda: _muted(alertmanager) == every, timeout=60)
 
 
 def test_a_silent_feed_pages_once_for_all_accounts() -> None:
