@@ -21,7 +21,7 @@ from gunicorn.app.base import BaseApplication
 from exporter.config import load_config
 from exporter.server import gunicorn_options
 
-OK_BODY = b'{"status":"ok"}'
+OK_BODY = b'{"status":"ok"}\n'  # as the exporter answers
 
 
 class NoopWebhook:

@@ -313,12 +313,13 @@ def test_a_worker_leaving_closes_its_store(tmp_path: Path) -> None:
 ORPHAN = """
 import os, sys, time, types
 from exporter.server import _watch_parent, tie_to_master
+parent = os.getpid()  # not the child's getppid(): the parent may have exited already
 pid = os.fork()
 if pid == 0:
     if sys.argv[1] == "hook":
-        tie_to_master(None, types.SimpleNamespace(ppid=os.getppid()))
+        tie_to_master(None, types.SimpleNamespace(ppid=parent))
     else:
-        _watch_parent(os.getppid())
+        _watch_parent(parent)
     time.sleep(120)
     os._exit(0)
 print(pid, flush=True)

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from exporter.app import OK_BODY
 from tests.conftest import ACCOUNT, SECRET, Samples, ServerProcess, free_port, parse_samples
 
 pytestmark = pytest.mark.server
@@ -316,7 +317,7 @@ def test_the_shipped_file_loads_into_debians_own_nginx_conf(tmp_path: Path) -> N
 def test_a_webhook_over_tls_reaches_the_exporter_and_counts(nginx: Nginx) -> None:
     status, headers, body = nginx.request("POST", "/webhook", start_event(), source=OUTSIDER)
 
-    assert (status, body) == (200, b'{"status":"ok"}')
+    assert (status, body) == (200, OK_BODY)
     assert headers["Strict-Transport-Security"]
     samples = nginx.samples()
     assert deliveries(samples) == 1
@@ -705,7 +706,7 @@ def test_slow_clients_neither_starve_the_exporter_nor_stay_connected(nginx: Ngin
         started = time.monotonic()
         status, _, body = nginx.request("POST", "/webhook", start_event(), source="127.0.0.3")
         answer_times.append(time.monotonic() - started)
-        assert (status, body) == (200, b'{"status":"ok"}')
+        assert (status, body) == (200, OK_BODY)
         posted += 1
         if posted % 4 == 0:
             started = time.monotonic()
