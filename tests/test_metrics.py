@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -17,7 +17,7 @@ from exporter.legs import TallyKind, TallyLayout
 from exporter.metrics import WorkerFilesCollector, initial_rows
 from exporter.rejections import COUNTED_REASONS
 from exporter.store import SqliteCallStore
-from tests.conftest import ACCOUNT, Exporter, Samples
+from tests.conftest import ACCOUNT, Exporter, Samples, ServerProcess
 
 EXTENSIONS = {
     str(ACCOUNT): {
@@ -326,3 +326,18 @@ def test_each_account_has_its_series_from_the_first_scrape(
         0,
         datetime(2026, 11, 27, 22, tzinfo=UTC).timestamp(),
     )
+
+
+@pytest.mark.server
+def test_every_worker_of_a_real_server_reports_the_hours(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    # Open round the clock but for one closed day some months ahead: the next change is known
+    # and cannot come during the test.
+    closed_day = datetime.now(UTC).date() + timedelta(days=200)
+    hours = {"timezone": "UTC", "open": {"mon-sun": "00:00-24:00"}}
+    server = start_server(workers=2, hours={**hours, "holidays": {"closed": [str(closed_day)]}})
+    closes = datetime.combine(closed_day, time(), UTC).timestamp()
+    # Each scrape may land on either worker: every one must have the series.
+    for _ in range(6):
+        assert opening(server.samples()) == (1, closes)
