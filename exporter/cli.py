@@ -5,17 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
+from datetime import datetime
+
+from holidays import country_holidays
 
 from exporter import __version__
 from exporter.config import (
     EXAMPLE_SECRET,
+    AccountConfig,
     Config,
     ConfigError,
     example_secret_accounts,
     load_config,
     locate_config,
 )
+from exporter.hours import Calendar
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DIFFERENCES = 1  # simulate: events given up on, or /metrics not as the ground truth says
@@ -45,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file; exit 0 or 2")
     check.add_argument("path", nargs="?", help="config file (default: as for serve)")
+    check.add_argument(
+        "--at",
+        type=_iso_time,
+        metavar="ISO-TIME",
+        help="show the opening hours as at that time, e.g. 2026-12-24T10:00 (default: now); "
+        "without an offset it is read in each account's time zone",
+    )
     check.set_defaults(run=_check_config)
 
     simulate = commands.add_parser(
@@ -109,7 +122,48 @@ def _check_config(args: argparse.Namespace) -> int:
         f"{path}: OK ({len(config.accounts)} account(s), {extensions} extension(s), "
         f"store {config.store.path})"
     )
+    for account in config.accounts.values():
+        if account.hours is not None:
+            print(_opening_line(account, account.hours, args.at))
     return 0
+
+
+def _opening_line(account: AccountConfig, calendar: Calendar, at: datetime | None) -> str:
+    """`account 10123: open now, closes Mon 2026-11-30 12:00 CET, opens ...` as at `at`."""
+    head = f"account {account.id}:"
+    if calendar.always_open:
+        return f"{head} always open (every hour of every day)"
+    if at is None:
+        instant = time.time()
+    else:
+        instant = (at if at.tzinfo else at.replace(tzinfo=calendar.timezone)).timestamp()
+    is_open = calendar.is_open(instant)
+    state = "open now" if is_open else f"closed now{_closed_because(calendar, instant)}"
+    first, then = ("closes", "opens") if is_open else ("opens", "closes")
+    change = calendar.next_change(instant)
+    if change is None:
+        return f"{head} {state}, no {'closing' if is_open else 'opening'} in the next two years"
+    parts = [f"{head} {state}", f"{first} {_local_time(calendar, change)}"]
+    following = calendar.next_change(change)
+    if following is not None:
+        parts.append(f"{then} {_local_time(calendar, following)}")
+    return ", ".join(parts)
+
+
+def _closed_because(calendar: Calendar, instant: float) -> str:
+    """Why a closed account is closed, when it is the day itself: a holiday or a closed day."""
+    day = datetime.fromtimestamp(instant, calendar.timezone).date()
+    holidays = calendar.holidays
+    if day in holidays.open:
+        return ""  # an exceptional opening, outside its hours
+    if holidays.country is not None and holidays.is_public_holiday(day):
+        names = country_holidays(holidays.country, subdiv=holidays.subdivision, years=day.year)
+        return f" (public holiday: {names.get(day)})"
+    return " (closed day)" if day in holidays.closed else ""
+
+
+def _local_time(calendar: Calendar, instant: float) -> str:
+    return datetime.fromtimestamp(instant, calendar.timezone).strftime("%a %Y-%m-%d %H:%M %Z")
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -164,6 +218,15 @@ def _load(explicit: str | None) -> Config | None:
         for error in exc.errors:
             print(error, file=sys.stderr)
         return None
+
+
+def _iso_time(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO time: {text!r} (e.g. 2026-12-24T10:00 or 2026-12-24T10:00+01:00)"
+        ) from None
 
 
 def _positive_int(text: str) -> int:

@@ -13,6 +13,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+# The module, not its names: hours.py imports this module in turn, and whichever of the two is
+# imported first sees the other half-built.
+from exporter import hours as opening_hours
 from exporter.events import EXTENSION_PATTERN
 
 DEFAULT_RING_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0)
@@ -45,6 +48,13 @@ class AccountConfig:
     id: int
     secret: str = field(repr=False)
     name: str = ""
+    # Its own `hours`, else the top-level one; None when neither is given.
+    hours: opening_hours.Calendar | None = None
+
+    @property
+    def calendar(self) -> opening_hours.Calendar:
+        """When the account is open; without hours, at every instant."""
+        return opening_hours.ALWAYS_OPEN if self.hours is None else self.hours
 
 
 @dataclass(frozen=True)
@@ -95,9 +105,15 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     limits: LimitsConfig = LimitsConfig()
     logging: LoggingConfig = LoggingConfig()
+    # The top-level `hours`: the default of every account (each account has its own resolved).
+    hours: opening_hours.Calendar | None = None
 
     def secrets(self) -> dict[int, str]:
         return {account.id: account.secret for account in self.accounts.values()}
+
+    def calendar(self, account_id: int) -> opening_hours.Calendar:
+        """The opening hours of a configured account (always open without `hours`)."""
+        return self.accounts[account_id].calendar
 
 
 class ConfigError(Exception):
@@ -192,9 +208,20 @@ class _Reader:
         self.no_unknown_keys(
             section,
             "",
-            {"server", "accounts", "extensions", "calls", "store", "metrics", "limits", "logging"},
+            {
+                "server",
+                "accounts",
+                "hours",
+                "extensions",
+                "calls",
+                "store",
+                "metrics",
+                "limits",
+                "logging",
+            },
         )
-        accounts = self.accounts(section.get("accounts"))
+        default_hours = self.hours(section.get("hours"), "hours")
+        accounts = self.accounts(section.get("accounts"), default_hours)
         limits = self.limits(section.get("limits"))
         return Config(
             server=self.server(section.get("server")),
@@ -207,6 +234,7 @@ class _Reader:
             metrics=self.metrics(section.get("metrics")),
             limits=limits,
             logging=self.logging(section.get("logging")),
+            hours=default_hours,
         )
 
     def server(self, doc: object) -> ServerConfig:
@@ -235,7 +263,9 @@ class _Reader:
             client_timeout=self.duration(section, "server.client_timeout", default.client_timeout),
         )
 
-    def accounts(self, doc: object) -> dict[int, AccountConfig]:
+    def accounts(
+        self, doc: object, default_hours: opening_hours.Calendar | None
+    ) -> dict[int, AccountConfig]:
         if doc is None:
             self.error("accounts", "required: list at least one account (id and secret)")
             return {}
@@ -245,17 +275,32 @@ class _Reader:
         accounts: dict[int, AccountConfig] = {}
         for index, item in enumerate(doc):
             path = f"accounts[{index}]"
-            section = self.section(item, path, {"id", "secret", "secret_file", "name"})
+            section = self.section(item, path, {"id", "secret", "secret_file", "name", "hours"})
             account_id = self.account_id(section.get("id"), f"{path}.id")
             secret = self.secret(section, path)
             name = self.value(section, f"{path}.name", str, "")
+            # An account's own hours replace the default whole, not key by key.
+            own_hours = self.hours(section.get("hours"), f"{path}.hours")
             if account_id is None or secret is None:
                 continue
             if account_id in accounts:
                 self.error(f"{path}.id", f"account {account_id} is listed twice")
                 continue
-            accounts[account_id] = AccountConfig(id=account_id, secret=secret, name=name)
+            account_hours = default_hours if own_hours is None else own_hours
+            accounts[account_id] = AccountConfig(
+                id=account_id, secret=secret, name=name, hours=account_hours
+            )
         return accounts
+
+    def hours(self, doc: object, path: str) -> opening_hours.Calendar | None:
+        """An `hours:` block as a calendar; None when absent (or broken: its errors are kept)."""
+        if doc is None:
+            return None
+        try:
+            return opening_hours.parse_hours(doc, path)
+        except ConfigError as exc:
+            self.errors.extend(exc.errors)
+            return None
 
     def account_id(self, raw: object, path: str) -> int | None:
         value = self.expand(raw, path)

@@ -5,7 +5,8 @@ Two sources feed /metrics:
   last-event times) comes from the call store, committed with the legs it describes: exact
   across workers, killed workers and restarts;
 - refused requests, which never reach the store, are per-process counters of prometheus_client,
-  merged over the gunicorn workers by its multiprocess mode.
+  merged over the gunicorn workers by its multiprocess mode;
+- whether each account is open comes from its opening hours and the clock, at scrape time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
+from exporter.calls import Clock
 from exporter.config import Config
 from exporter.events import EVENT_KINDS, UNKNOWN_EVENT, Direction, Service, Step
 from exporter.legs import LEG_LABELS, CounterRow, Outcome, TallyKind, TallyLayout, TimingRow
@@ -82,6 +85,16 @@ LAST_EVENT = MetricSpec(
 )
 EXTENSION_INFO = MetricSpec(
     "mcn_extension_info", "Configured extensions: name and extra labels; always 1."
+)
+OPEN = MetricSpec(
+    "mcn_open",
+    "1 while the account is open by its opening hours, 0 while closed; always 1 without hours.",
+    ("account",),
+)
+OPEN_NEXT_CHANGE = MetricSpec(
+    "mcn_open_next_change_timestamp_seconds",
+    "Unix time at which mcn_open of the account next changes; absent when it never does.",
+    ("account",),
 )
 BUILD_INFO = MetricSpec(
     "mcn_exporter_build_info", "Version of the exporter; always 1.", ("version",)
@@ -172,6 +185,33 @@ class ConfigCollector(Collector):
         return iter(self._families)
 
 
+class HoursCollector(Collector):
+    """Whether each account is open now, and until when, read from its calendar at scrape time.
+
+    An account without hours (or whose hours never change) is open, with no next change.
+    """
+
+    def __init__(self, config: Config, clock: Clock) -> None:
+        self._calendars = sorted(
+            (str(account.id), account.calendar) for account in config.accounts.values()
+        )
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        now = self._clock()
+        is_open = GaugeMetricFamily(OPEN.name, OPEN.help, labels=OPEN.labels)
+        next_change = GaugeMetricFamily(
+            OPEN_NEXT_CHANGE.name, OPEN_NEXT_CHANGE.help, labels=OPEN_NEXT_CHANGE.labels
+        )
+        for account, calendar in self._calendars:
+            is_open.add_metric((account,), 1 if calendar.is_open(now) else 0)
+            change = calendar.next_change(now)
+            if change is not None:
+                next_change.add_metric((account,), change)
+        yield is_open
+        yield next_change
+
+
 class WorkerFilesCollector(Collector):
     """prometheus_client's multiprocess files, minus any a killed worker left unreadable.
 
@@ -216,11 +256,12 @@ class Scrape:
 
 
 def build_metrics(
-    store: CallStore, config: Config, multiprocess_dir: str | None
+    store: CallStore, config: Config, multiprocess_dir: str | None, clock: Clock = time.time
 ) -> tuple[RejectionCounter, Scrape]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(store))
     registry.register(ConfigCollector(config))
+    registry.register(HoursCollector(config, clock))
     if multiprocess_dir:
         registry.register(WorkerFilesCollector(multiprocess_dir))
         rejections = RejectionCounter(registry=None)

@@ -167,7 +167,7 @@ def build_deps(
 
     layout = tally_layout(config)
     store = SqliteCallStore(Path(config.store.path), layout, store_seed(config, layout))
-    rejections, scrape = build_metrics(store, config, multiprocess_dir)
+    rejections, scrape = build_metrics(store, config, multiprocess_dir, clock)
     settings = TrackerSettings(
         max_duration=config.calls.max_duration,
         duplicate_window=config.calls.duplicate_window,

@@ -146,3 +146,102 @@ def test_serves_on_the_example_config_as_it_is(tmp_path: Path) -> None:
         assert "uses the example secret" in server.log()
     finally:
         assert server.stop(signal.SIGTERM) == 0
+
+
+HOURS_CONFIG = """
+hours:
+  timezone: Europe/Bratislava
+  open:
+    mon-fri: "08:00-12:00, 12:30-17:00"
+    sat: "09:00-12:00"
+  holidays:
+    country: SK
+    closed: ["2026-12-31"]
+accounts:
+  - id: 10123
+    secret: own
+  - id: 20456
+    secret: other
+    hours: {timezone: America/New_York, open: {sun-thu: "22:00-06:00"}}
+  - id: 30789
+    secret: third
+    hours: {timezone: UTC, open: {mon-sun: "00:00-24:00"}}
+"""
+
+
+def check_hours_at(tmp_path: Path, at: str, config: str = HOURS_CONFIG) -> list[str]:
+    """The calendar lines check-config prints as at `at` (after its OK line)."""
+    (tmp_path / "config.yaml").write_text(config)
+    result = mcn_exporter("check-config", "--at", at, cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    ok, *lines = result.stdout.splitlines()
+    assert ok.startswith("config.yaml: OK (3 account(s)")
+    return lines
+
+
+def test_check_config_prints_when_each_account_opens_and_closes_next(tmp_path: Path) -> None:
+    # A time without an offset is read in each account's own time zone.
+    assert check_hours_at(tmp_path, "2026-11-30T09:15") == [
+        "account 10123: open now, closes Mon 2026-11-30 12:00 CET, opens Mon 2026-11-30 12:30 CET",
+        "account 20456: closed now, opens Mon 2026-11-30 22:00 EST, "
+        "closes Tue 2026-12-01 06:00 EST",
+        "account 30789: always open (every hour of every day)",
+    ]
+
+
+def test_check_config_names_the_public_holiday_it_is_closed_for(tmp_path: Path) -> None:
+    lines = check_hours_at(tmp_path, "2026-12-24T10:00+01:00")
+    assert lines[0] == (
+        "account 10123: closed now (public holiday: Christmas Eve), "
+        "opens Mon 2026-12-28 08:00 CET, closes Mon 2026-12-28 12:00 CET"
+    )
+    # 04:00 in New York: inside the night that started on Wednesday at 22:00.
+    assert lines[1] == (
+        "account 20456: open now, closes Thu 2026-12-24 06:00 EST, opens Thu 2026-12-24 22:00 EST"
+    )
+
+
+def test_check_config_says_a_configured_closed_day_is_one(tmp_path: Path) -> None:
+    assert check_hours_at(tmp_path, "2026-12-31T09:00Z")[0] == (
+        "account 10123: closed now (closed day), opens Sat 2027-01-02 09:00 CET, "
+        "closes Sat 2027-01-02 12:00 CET"
+    )
+
+
+def test_check_config_shows_summer_time_before_the_autumn_change(tmp_path: Path) -> None:
+    assert check_hours_at(tmp_path, "2026-10-23T16:30")[0] == (
+        "account 10123: open now, closes Fri 2026-10-23 17:00 CEST, opens Sat 2026-10-24 09:00 CEST"
+    )
+
+
+def test_check_config_prints_no_calendar_for_accounts_without_hours(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(
+        "accounts:\n  - id: 1\n    secret: a\n  - id: 2\n    secret: b\n"
+        "    hours: {timezone: UTC, open: {mon: '08:00-09:00'}}\n"
+    )
+    result = mcn_exporter("check-config", "--at", "2026-11-30T08:30", cwd=tmp_path)
+    assert result.stdout.splitlines()[1:] == [
+        "account 2: open now, closes Mon 2026-11-30 09:00 UTC, opens Mon 2026-12-07 08:00 UTC"
+    ]
+
+
+def test_check_config_refuses_an_at_that_is_no_time(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(HOURS_CONFIG)
+    result = mcn_exporter("check-config", "--at", "tomorrow", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "argument --at: not an ISO time: 'tomorrow'" in result.stderr
+
+
+def test_check_config_reports_hours_errors_by_key_path(tmp_path: Path) -> None:
+    broken = HOURS_CONFIG.replace("Europe/Bratislava", "Europe/Atlantis").replace(
+        "22:00-06:00", "late"
+    )
+    (tmp_path / "config.yaml").write_text(broken)
+    result = mcn_exporter("check-config", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "config.yaml: hours.timezone: unknown time zone 'Europe/Atlantis' "
+        "(an IANA name such as Europe/Bratislava)",
+        "config.yaml: accounts[1].hours.open.sun-thu: bad range 'late': write HH:MM-HH:MM, "
+        "e.g. 08:00-12:00",
+    ]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from exporter.config import (
     DEFAULT_RING_BUCKETS,
@@ -17,6 +19,7 @@ from exporter.config import (
     locate_config,
     parse_config,
 )
+from exporter.hours import ALWAYS_OPEN, parse_hours
 
 ROOT = Path(__file__).parent.parent
 MINIMAL = {"accounts": [{"id": 10123, "secret": "s3cret"}]}
@@ -208,6 +211,116 @@ def test_every_error_is_reported_not_just_the_first() -> None:
         "server.workers",
         "logging",
     ]
+
+
+OFFICE_HOURS = {
+    "timezone": "Europe/Bratislava",
+    "open": {"mon-fri": "08:00-12:00, 12:30-17:00"},
+    "holidays": {"country": "SK"},
+}
+NIGHT_SHIFT = {"timezone": "Europe/Prague", "open": {"sun-thu": "22:00-06:00"}}
+
+
+def test_without_hours_every_account_is_always_open() -> None:
+    config = parse_config(MINIMAL)
+    assert config.hours is None
+    assert config.accounts[10123].hours is None
+    assert config.calendar(10123) is ALWAYS_OPEN
+
+
+def test_top_level_hours_are_the_default_of_every_account() -> None:
+    config = parse_config(
+        {"hours": OFFICE_HOURS, "accounts": [{"id": 1, "secret": "a"}, {"id": 2, "secret": "b"}]}
+    )
+    assert config.hours == parse_hours(OFFICE_HOURS)
+    assert config.calendar(1) == config.calendar(2) == parse_hours(OFFICE_HOURS)
+    assert config.calendar(1).holidays.country == "SK"
+
+
+def test_an_accounts_own_hours_replace_the_default_whole() -> None:
+    config = parse_config(
+        {
+            "hours": OFFICE_HOURS,
+            "accounts": [
+                {"id": 1, "secret": "a"},
+                {"id": 2, "secret": "b", "hours": NIGHT_SHIFT},
+            ],
+        }
+    )
+    assert config.calendar(1) == parse_hours(OFFICE_HOURS)
+    night = config.calendar(2)
+    assert night == parse_hours(NIGHT_SHIFT)
+    # Nothing is inherited key by key: no public holidays and no Friday office hours.
+    assert night.holidays.country is None
+    assert night.week.days[4] == ()
+
+
+def test_an_account_may_have_hours_without_a_default() -> None:
+    config = parse_config(
+        {"accounts": [{"id": 1, "secret": "a"}, {"id": 2, "secret": "b", "hours": NIGHT_SHIFT}]}
+    )
+    assert config.hours is None
+    assert config.calendar(1) is ALWAYS_OPEN
+    assert config.calendar(2) == parse_hours(NIGHT_SHIFT)
+
+
+def test_hours_errors_are_named_by_key_path_with_the_other_errors() -> None:
+    errors = errors_of(
+        {
+            "hours": {**OFFICE_HOURS, "timezone": "Europe/Atlantis"},
+            "accounts": [
+                {"id": 1, "secret": "a"},
+                {"id": 2, "secret": "b", "hours": {**NIGHT_SHIFT, "open": {"mon-fri": "9-5"}}},
+                {"id": 3, "secret": "c", "hours": {**OFFICE_HOURS, "holidays": {"country": "XX"}}},
+            ],
+            "server": {"workers": 0},
+        }
+    )
+    assert [line.split(":")[0] for line in errors] == [
+        "hours.timezone",
+        "accounts[1].hours.open.mon-fri",
+        "accounts[2].hours.holidays.country",
+        "server.workers",
+    ]
+    assert errors[0].startswith("hours.timezone: unknown time zone 'Europe/Atlantis'")
+    assert errors[1].startswith("accounts[1].hours.open.mon-fri: bad range '9-5'")
+    assert errors[2].startswith("accounts[2].hours.holidays.country: unknown country code 'XX'")
+
+
+@pytest.mark.parametrize(
+    ("document", "error"),
+    [
+        ({**MINIMAL, "hours": "9-5"}, "hours: must be a mapping, not the string '9-5'"),
+        ({**MINIMAL, "hours": {"open": {"mon": "08:00-17:00"}}}, "hours.timezone: required"),
+        (
+            {"accounts": [{"id": 1, "secret": "x", "hours": {"timezone": "UTC"}}]},
+            "accounts[0].hours.open: required",
+        ),
+        (
+            {"accounts": [{"id": 1, "secret": "x", "hours": {**OFFICE_HOURS, "days": 5}}]},
+            "accounts[0].hours.days: unknown key",
+        ),
+    ],
+)
+def test_hours_error_names_its_key_path(document: Any, error: str) -> None:
+    errors = errors_of(document)
+    assert any(line.startswith(error) for line in errors), errors
+
+
+def test_the_commented_hours_example_parses_once_uncommented() -> None:
+    lines = (ROOT / "config.example.yaml").read_text().splitlines()
+    start = lines.index("# hours:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#"):
+            break
+        block.append(line.removeprefix("# ").removeprefix("#"))
+    config = parse_config({**MINIMAL, **yaml.safe_load("\n".join(block))})
+    calendar = config.calendar(10123)
+    assert str(calendar.timezone) == "Europe/Bratislava"
+    assert calendar.holidays.country == "SK"
+    assert date(2026, 12, 31) in calendar.holidays.closed
+    assert date(2026, 12, 20) in calendar.holidays.open
 
 
 def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:

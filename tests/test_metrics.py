@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from exporter import __version__
@@ -14,7 +17,7 @@ from exporter.legs import TallyKind, TallyLayout
 from exporter.metrics import WorkerFilesCollector, initial_rows
 from exporter.rejections import COUNTED_REASONS
 from exporter.store import SqliteCallStore
-from tests.conftest import ACCOUNT, Exporter
+from tests.conftest import ACCOUNT, Exporter, Samples, ServerProcess
 
 EXTENSIONS = {
     str(ACCOUNT): {
@@ -240,3 +243,101 @@ def test_rejection_series_are_the_counted_reasons_and_start_at_zero(exporter: Ex
         *("malformed", "invalid", "unauthorized", "unknown_account", "too_large"),
         *("method_not_allowed", "store_unavailable"),
     }
+
+
+# -- opening hours -------------------------------------------------------------------------------
+
+OFFICE = ZoneInfo("Europe/Bratislava")
+OFFICE_HOURS = {
+    "timezone": "Europe/Bratislava",
+    "open": {"mon-fri": "08:00-12:00, 12:30-17:00", "sat": "09:00-12:00"},
+    "holidays": {"country": "SK"},
+}
+SECOND_ACCOUNT = 20456
+
+
+def office_time(year: int, month: int, day: int, hour: int, minute: int = 0) -> float:
+    return datetime(year, month, day, hour, minute, tzinfo=OFFICE).timestamp()
+
+
+def opening(samples: Samples, account: int = ACCOUNT) -> tuple[float | None, float | None]:
+    """mcn_open and mcn_open_next_change_timestamp_seconds of an account (None: absent)."""
+    key = (("account", str(account)),)
+    return (
+        samples.get("mcn_open", {}).get(key),
+        samples.get("mcn_open_next_change_timestamp_seconds", {}).get(key),
+    )
+
+
+@pytest.fixture
+def office(make_exporter: Callable[..., Exporter]) -> Exporter:
+    return make_exporter(hours=OFFICE_HOURS)
+
+
+def test_without_hours_an_account_is_open_with_no_next_change(exporter: Exporter) -> None:
+    samples = exporter.samples()
+    assert opening(samples) == (1, None)
+    assert "mcn_open_next_change_timestamp_seconds" not in samples
+
+
+def test_closed_on_friday_evening_until_saturday_morning(office: Exporter) -> None:
+    office.clock.now = office_time(2026, 11, 27, 18, 30)
+    assert opening(office.samples()) == (0, office_time(2026, 11, 28, 9))
+
+
+def test_closed_on_saturday_afternoon_until_monday_morning(office: Exporter) -> None:
+    office.clock.now = office_time(2026, 11, 28, 12)
+    assert opening(office.samples()) == (0, office_time(2026, 11, 30, 8))
+
+
+def test_open_on_monday_morning_until_the_lunch_break(office: Exporter) -> None:
+    office.clock.now = office_time(2026, 11, 30, 9, 15)
+    assert opening(office.samples()) == (1, office_time(2026, 11, 30, 12))
+
+
+def test_the_gauge_follows_the_clock_of_each_scrape(office: Exporter) -> None:
+    office.clock.now = office_time(2026, 11, 30, 7, 59)
+    assert opening(office.samples()) == (0, office_time(2026, 11, 30, 8))
+    office.clock.advance(60)
+    assert opening(office.samples()) == (1, office_time(2026, 11, 30, 12))
+
+
+def test_closed_on_a_public_holiday_until_after_christmas(office: Exporter) -> None:
+    # Christmas Eve, a Thursday; then Christmas Day, St Stephen's on the Saturday, and Sunday.
+    office.clock.now = office_time(2026, 12, 24, 10)
+    assert opening(office.samples()) == (0, office_time(2026, 12, 28, 8))
+
+
+def test_each_account_has_its_series_from_the_first_scrape(
+    make_exporter: Callable[..., Exporter],
+) -> None:
+    night = {"timezone": "UTC", "open": {"mon-sun": "22:00-06:00"}}
+    exporter = make_exporter(
+        hours=OFFICE_HOURS,
+        accounts=[
+            {"id": ACCOUNT, "secret": "SecretToken"},
+            {"id": SECOND_ACCOUNT, "secret": "other", "hours": night},
+        ],
+    )
+    exporter.clock.now = office_time(2026, 11, 27, 18, 30)  # 17:30 UTC
+    samples = exporter.samples()
+    assert opening(samples, ACCOUNT) == (0, office_time(2026, 11, 28, 9))
+    assert opening(samples, SECOND_ACCOUNT) == (
+        0,
+        datetime(2026, 11, 27, 22, tzinfo=UTC).timestamp(),
+    )
+
+
+@pytest.mark.server
+def test_every_worker_of_a_real_server_reports_the_hours(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    # Open round the clock but for one closed day some months ahead: the next change is known
+    # and cannot come during the test.
+    closed_day = datetime.now(UTC).date() + timedelta(days=200)
+    hours = {"timezone": "UTC", "open": {"mon-sun": "00:00-24:00"}}
+    server = start_server(workers=2, hours={**hours, "holidays": {"closed": [str(closed_day)]}})
+    closes = datetime.combine(closed_day, time(), UTC).timestamp()
+    # Each scrape may land on either worker: every one must have the series.
+    for _ in range(6):
+        assert opening(server.samples()) == (1, closes)
