@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import ipaddress
 import json
 import logging
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from falcon.routing import map_http_methods
 
 from exporter import __version__
 from exporter.calls import CallTracker
-from exporter.config import Config
+from exporter.config import Config, IPNetwork
 from exporter.events import WebhookParser
 from exporter.logs import LINE_INTERVAL, ThrottledLog
 from exporter.metrics import RejectionCounter, Scrape
@@ -46,7 +47,12 @@ def create_app(deps: Deps) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(deps.store))
     app.add_route("/", LandingResource(deps))
-    refusals = Refusals(deps.rejections, webhook_path, ThrottledLog(log, LINE_INTERVAL))
+    refusals = Refusals(
+        deps.rejections,
+        webhook_path,
+        ThrottledLog(log, LINE_INTERVAL),
+        deps.config.server.trusted_proxies,
+    )
     app.add_error_handler(Rejection, refusals.on_rejection)
     app.add_error_handler(StoreUnavailable, refusals.on_store_unavailable)
     app.add_error_handler(Refusal, refusals.on_refusal)
@@ -219,11 +225,16 @@ class Refusals:
     """
 
     def __init__(
-        self, rejections: RejectionCounter, webhook_path: str, lines: ThrottledLog
+        self,
+        rejections: RejectionCounter,
+        webhook_path: str,
+        lines: ThrottledLog,
+        trusted_proxies: tuple[IPNetwork, ...] = (),
     ) -> None:
         self._rejections = rejections
         self._webhook_path = webhook_path
         self._lines = lines
+        self._trusted_proxies = trusted_proxies
 
     def on_rejection(
         self, req: falcon.Request, resp: falcon.Response, ex: Rejection, params: dict[str, Any]
@@ -287,9 +298,37 @@ class Refusals:
             )
         elif on_webhook and reason.counted:
             self._lines.log(
-                logging.WARNING, f"webhook rejected: {reason}", f"from {req.remote_addr}: {detail}"
+                logging.WARNING,
+                f"webhook rejected: {reason}",
+                f"from {self._client(req)}: {detail}",
             )
         raise refusal
+
+    def _client(self, req: falcon.Request) -> str:
+        return client_address(
+            req.remote_addr, req.get_header("X-Forwarded-For"), self._trusted_proxies
+        )
+
+
+def client_address(remote: str, forwarded_for: str | None, trusted: tuple[IPNetwork, ...]) -> str:
+    """Who sent the request: behind trusted proxies, the last address they did not add.
+
+    X-Forwarded-For is appended to by each proxy, and anyone can send one: only the entries
+    added by proxies we trust are believed, read from the right.
+    """
+    hops = [remote, *reversed([hop.strip() for hop in (forwarded_for or "").split(",")])]
+    for hop in hops:
+        if not hop or not _is_trusted(hop, trusted):
+            return hop or remote
+    return hops[-1]
+
+
+def _is_trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
 
 
 LANDING_PAGE = """<!doctype html>

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -41,6 +42,8 @@ class ServerConfig:
     timeout: float = 30.0
     # A connection that has not delivered a whole request by then is closed.
     client_timeout: float = 10.0
+    # Reverse proxies whose X-Forwarded-For names the client in log lines (none by default).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,7 @@ def parse_config(document: object, base_dir: Path = Path()) -> Config:
 
 
 T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class _Reader:
@@ -261,7 +265,23 @@ class _Reader:
             webhook_path=path,
             timeout=self.duration(section, "server.timeout", default.timeout),
             client_timeout=self.duration(section, "server.client_timeout", default.client_timeout),
+            trusted_proxies=self.networks(section, "server.trusted_proxies"),
         )
+
+    def networks(self, section: dict[str, Any], path: str) -> tuple[IPNetwork, ...]:
+        raw = self.expand(section.get(path.rsplit(".", 1)[-1]), path)
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            self.error(path, f"must be a list of addresses or networks, not {_kind(raw)}")
+            return ()
+        networks = []
+        for index, item in enumerate(raw):
+            try:
+                networks.append(ipaddress.ip_network(str(self.expand(item, path)), strict=False))
+            except ValueError:
+                self.error(f"{path}[{index}]", f"must be an IP address or network, not {item!r}")
+        return tuple(networks)
 
     def accounts(
         self, doc: object, default_hours: opening_hours.Calendar | None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from exporter.app import client_address
 from tests.conftest import ACCOUNT, SECRET, Exporter, Samples, ServerProcess, webhook
 
 GOOD = {"event_type": "onInCallingStart", "abon": "108", "secret": SECRET, "account_id": ACCOUNT}
@@ -427,3 +430,44 @@ def raw_request(port: int, request_line: str) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+TRUSTED = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("10.1.0.0/16"))
+
+
+@pytest.mark.parametrize(
+    ("remote", "forwarded", "client"),
+    [
+        ("203.0.113.7", None, "203.0.113.7"),  # no proxy
+        ("203.0.113.7", "198.51.100.1", "203.0.113.7"),  # a client's own header is not believed
+        ("127.0.0.1", None, "127.0.0.1"),  # the proxy itself
+        ("127.0.0.1", "198.51.100.1", "198.51.100.1"),  # behind the proxy
+        ("127.0.0.1", "6.6.6.6, 198.51.100.1", "198.51.100.1"),  # a forged first entry
+        ("127.0.0.1", "198.51.100.1, 10.1.2.3", "198.51.100.1"),  # two trusted proxies
+        ("127.0.0.1", "10.1.2.3", "10.1.2.3"),  # only proxies: the farthest one
+        ("127.0.0.1", "not an address", "not an address"),
+    ],
+)
+def test_the_client_is_the_last_address_a_trusted_proxy_did_not_add(
+    remote: str, forwarded: str | None, client: str
+) -> None:
+    assert client_address(remote, forwarded, TRUSTED) == client
+
+
+def test_without_trusted_proxies_the_forwarded_header_is_never_believed() -> None:
+    assert client_address("127.0.0.1", "198.51.100.1", ()) == "127.0.0.1"
+
+
+def test_a_refusal_behind_a_trusted_proxy_logs_the_client_address(
+    make_exporter: Callable[..., Exporter], caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = make_exporter(server={"trusted_proxies": ["127.0.0.1"]})
+    with caplog.at_level(logging.WARNING, logger="exporter.http"):
+        result = exporter.post(
+            {"event_type": "onInCallingStart", "abon": "1", "account_id": ACCOUNT, "secret": "no"},
+            remote_addr="127.0.0.1",
+            headers={"X-Forwarded-For": "6.6.6.6, 198.51.100.1"},
+        )
+    assert result.status_code == 401
+    (line,) = [r.getMessage() for r in caplog.records if "webhook rejected" in r.getMessage()]
+    assert "from 198.51.100.1:" in line

@@ -450,3 +450,17 @@ def test_durations_in_seconds_or_with_units() -> None:
     for raw, seconds in (("4h", 14400), ("90m", 5400), ("1h30m", 5400), ("45s", 45), (30, 30)):
         config: Config = parse_config({**MINIMAL, "calls": {"max_duration": raw}})
         assert config.calls.max_duration == seconds
+
+
+def test_trusted_proxies_are_addresses_or_networks(tmp_path: Path) -> None:
+    document = {"accounts": [{"id": 1, "secret": "s"}]}
+    config = parse_config({**document, "server": {"trusted_proxies": ["127.0.0.1", "10.0.0.0/8"]}})
+    assert [str(n) for n in config.server.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8"]
+    assert parse_config(document).server.trusted_proxies == ()
+    bad = {**document, "server": {"trusted_proxies": ["127.0.0.1", "nginx"]}}
+    assert errors_of(bad) == [
+        "server.trusted_proxies[1]: must be an IP address or network, not 'nginx'"
+    ]
+    assert errors_of({**document, "server": {"trusted_proxies": "127.0.0.1"}}) == [
+        "server.trusted_proxies: must be a list of addresses or networks, not a string"
+    ]
