@@ -239,9 +239,8 @@ class Refusals:
     def on_rejection(
         self, req: falcon.Request, resp: falcon.Response, ex: Rejection, params: dict[str, Any]
     ) -> NoReturn:
-        # Close rather than read the rest of an oversized body.
-        headers = {"Connection": "close"} if ex.reason is Reason.TOO_LARGE else None
-        self._refuse(req, Refusal(ex.reason, ex.message, ex.field, headers), ex.message)
+        # An oversized body is never read: the worker hands on its head alone, marked to close.
+        self._refuse(req, Refusal(ex.reason, ex.message, ex.field), ex.message)
 
     def on_store_unavailable(
         self,
