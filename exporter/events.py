@@ -1,4 +1,4 @@
-"""Webhook bodies in, validated call events out (SPEC §1). Plain Python: no HTTP, no metrics."""
+"""Webhook bodies in, validated call events out (docs/design.md, "Data path"). Plain Python: no HTTP, no metrics."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class CallEvent:
 
 
 class WebhookParser:
-    """Checks a raw body in the order of SPEC §4: JSON object, account, secret, other fields."""
+    """Checks a raw body in the order of docs/design.md, "Validation order": JSON object, account, secret, other fields."""
 
     def __init__(self, secrets: Mapping[int, str]) -> None:
         self._secrets = {account: secret.encode() for account, secret in secrets.items()}

@@ -1,4 +1,4 @@
-"""Call legs, and the tallies their lives leave behind (SPEC §2), keyed by `TallyLayout`."""
+"""Call legs, and the tallies their lives leave behind (docs/design.md, "Legs"), keyed by `TallyLayout`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every metric of SPEC §3, declared once, and the scrape that renders them.
+"""Every metric (docs/design.md, "Tallies"), declared once, and the scrape that renders them.
 
 Two sources feed /metrics:
 - everything about accepted events (deliveries, call totals, ring and talk times, active calls,
@@ -271,7 +271,7 @@ def build_metrics(
 
 
 def initial_rows(config: Config, layout: TallyLayout) -> list[CounterRow | TimingRow]:
-    """The series of configured accounts and extensions, so they start at 0 (SPEC §3)."""
+    """The series of configured accounts and extensions, so they start at 0 (docs/design.md, "Zero series")."""
     rows: list[CounterRow | TimingRow] = [
         CounterRow(TallyKind.UNMATCHED, (name,))
         for name, kind in EVENT_KINDS.items()

@@ -1,4 +1,4 @@
-"""The HTTP interface of SPEC §4, through Falcon's test client."""
+"""The HTTP interface of the README, through Falcon's test client."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Webhook parsing and validation (SPEC §1), on its own: no HTTP, no store."""
+"""Webhook parsing and validation (docs/design.md, "Data path"), on its own: no HTTP, no store."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Each call lifecycle of SPEC §2 gives exactly the metrics it implies, through the HTTP handler."""
+"""Each call lifecycle (docs/design.md, "Legs") gives exactly the metrics it implies, through the HTTP handler."""
 
 from __future__ import annotations
 

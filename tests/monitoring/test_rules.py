@@ -1,5 +1,5 @@
 """The shipped Prometheus rules and example configs, checked by the real tools (promtool,
-amtool) and against the contract: metric names of SPEC §3, runbooks, and a firing and a silent
+amtool) and against the contract: the metric names of the README, runbooks, and a firing and a silent
 case per alert."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from tests.monitoring.conftest import (
     wait_until,
 )
 
-# SPEC §3: the exporter's metrics (names are fixed), and the samples they expose.
+# The README's "Metrics": the exporter's metrics (names are fixed), and the samples they expose.
 SPEC_METRICS = {
     "mcn_active_calls": "gauge",
     "mcn_calls_started_total": "counter",
