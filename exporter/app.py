@@ -1,4 +1,5 @@
-"""The HTTP layer (README, "HTTP interface"): thin Falcon resources that parse, call the core and answer."""
+"""The HTTP layer (README, "HTTP interface"): thin Falcon resources that parse, call the core
+and answer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The call-leg state machine (docs/design.md, "Legs"). Plain Python: the store and the clock are handed in."""
+"""The call-leg state machine (docs/design.md, "Legs").
+
+Plain Python: the store and the clock are handed in.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Webhook bodies in, validated call events out (docs/design.md, "Data path"). Plain Python: no HTTP, no metrics."""
+"""Webhook bodies in, validated call events out (docs/design.md, "Data path").
+
+Plain Python: no HTTP, no metrics.
+"""
 
 from __future__ import annotations
 
@@ -83,7 +86,8 @@ class CallEvent:
 
 
 class WebhookParser:
-    """Checks a raw body in the order of docs/design.md, "Validation order": JSON object, account, secret, other fields."""
+    """Checks a raw body in the order of docs/design.md, "Validation order": JSON object,
+    account, secret, other fields."""
 
     def __init__(self, secrets: Mapping[int, str]) -> None:
         self._secrets = {account: secret.encode() for account, secret in secrets.items()}

@@ -1,4 +1,5 @@
-"""Call legs, and the tallies their lives leave behind (docs/design.md, "Legs"), keyed by `TallyLayout`."""
+"""Call legs, and the tallies their lives leave behind (docs/design.md, "Legs"), keyed by
+`TallyLayout`."""
 
 from __future__ import annotations
 

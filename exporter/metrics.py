@@ -271,7 +271,10 @@ def build_metrics(
 
 
 def initial_rows(config: Config, layout: TallyLayout) -> list[CounterRow | TimingRow]:
-    """The series of configured accounts and extensions, so they start at 0 (docs/design.md, "Zero series")."""
+    """The series of configured accounts and extensions, so they start at 0.
+
+    See docs/design.md, "Zero series".
+    """
     rows: list[CounterRow | TimingRow] = [
         CounterRow(TallyKind.UNMATCHED, (name,))
         for name, kind in EVENT_KINDS.items()

@@ -1,4 +1,5 @@
-"""Each call lifecycle (docs/design.md, "Legs") gives exactly the metrics it implies, through the HTTP handler."""
+"""Each call lifecycle (docs/design.md, "Legs") gives exactly the metrics it implies, through
+the HTTP handler."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The shipped Prometheus rules and example configs, checked by the real tools (promtool,
-amtool) and against the contract: the metric names of the README, runbooks, and a firing and a silent
-case per alert."""
+amtool) and against the contract: the metric names of the README, runbooks, and a firing and a
+silent case per alert."""
 
 from __future__ import annotations
 
