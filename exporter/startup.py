@@ -119,6 +119,15 @@ def store_seed(config: Config, layout: TallyLayout) -> StoreSeed:
     )
 
 
+def store_lock_timeout(config: Config) -> float:
+    """How long a write waits for its turn, in its process and then among processes.
+
+    A quarter of server.timeout each: a stalled writer gives 503s well before the request
+    would have timed out, never a request hanging.
+    """
+    return config.server.timeout / 4
+
+
 def initialise_store(config: Config) -> None:
     """The schema and the zero series, once, in the master, before workers fork.
 
@@ -129,7 +138,9 @@ def initialise_store(config: Config) -> None:
     layout = tally_layout(config)
     path = Path(config.store.path)
     try:
-        store = SqliteCallStore(path, layout, store_seed(config, layout))
+        store = SqliteCallStore(
+            path, layout, store_seed(config, layout), lock_timeout=store_lock_timeout(config)
+        )
         try:
             store.ensure_rows(initial_rows(config, layout))
             for account, extensions in config.extensions.items():
@@ -166,7 +177,12 @@ def build_deps(
     from exporter.metrics import build_metrics
 
     layout = tally_layout(config)
-    store = SqliteCallStore(Path(config.store.path), layout, store_seed(config, layout))
+    store = SqliteCallStore(
+        Path(config.store.path),
+        layout,
+        store_seed(config, layout),
+        lock_timeout=store_lock_timeout(config),
+    )
     rejections, scrape = build_metrics(store, config, multiprocess_dir)
     settings = TrackerSettings(
         max_duration=config.calls.max_duration,
