@@ -280,6 +280,28 @@ def test_a_flock_held_by_a_stalled_peer_is_given_up_at_the_deadline(
     lock.close()
 
 
+def test_a_flock_released_by_the_peer_before_the_deadline_is_handed_over(
+    tmp_path: Path, stalled_peer: Callable[[Path], subprocess.Popen[str]]
+) -> None:
+    path = tmp_path / "store.lock"
+    peer = stalled_peer(path)
+    lock = ProcessLock(path, 600.0)
+    outcomes = Outcomes()
+    outcomes.start("waiter", lock.acquire)
+    while not any(thread.name == "store-flock" for thread in threading.enumerate()):
+        time.sleep(0.001)  # the waiter is blocked in the kernel's queue for the lock
+    peer.kill()
+    peer.wait(timeout=30)
+    outcomes.join()
+    assert outcomes.of == {"waiter": None}
+    other = ProcessLock(path, 0.1)
+    with pytest.raises(StoreUnavailable):  # this lock holds it now
+        other.acquire()
+    other.close()
+    lock.release()
+    lock.close()
+
+
 def test_a_change_waiting_for_a_stalled_peer_fails_and_the_writer_goes_on(
     writes: GroupCommit,
     journal: CountingJournal,

@@ -26,8 +26,6 @@ from typing import Protocol
 from exporter.store.base import StoreUnavailable
 
 MAX_BATCH = 32  # changes committed together at most
-FIRST_PAUSE = 0.0002  # seconds between tries of a busy flock, doubled up to LAST_PAUSE
-LAST_PAUSE = 0.002
 
 
 class Journal(Protocol):
@@ -94,17 +92,7 @@ class GroupCommit:
     @contextmanager
     def exclusive(self, deadline: bool = True) -> Iterator[None]:
         """This process's write turn; StoreUnavailable past `lock_timeout` with `deadline`."""
-        with self._waiting_lock:
-            self._waiting += 1
-        try:
-            taken = self._lock.acquire(timeout=self.lock_timeout if deadline else -1)
-        finally:
-            with self._waiting_lock:
-                self._waiting -= 1
-        if not taken:
-            raise StoreUnavailable(
-                f"no turn to write within {self.lock_timeout:g} s: another write is stalled"
-            )
+        self._take_turn(deadline)
         try:
             yield
         finally:
@@ -117,7 +105,8 @@ class GroupCommit:
         A change that raises is rolled back alone and its exception re-raised as it is.
         """
         failure: BaseException | None = None
-        with self.exclusive():
+        self._take_turn(deadline=True)
+        try:
             batch = self._join()
             first = batch.size == 0  # the first change has the whole transaction to itself
             try:
@@ -132,6 +121,8 @@ class GroupCommit:
                 self._undo(batch, first, exc)
             if self._batch is batch and (batch.size >= MAX_BATCH or not self._waiting):
                 self.end_batch(commit=True)
+        finally:
+            self._lock.release()
         if failure is not None:
             raise failure
         batch.wait()
@@ -139,6 +130,19 @@ class GroupCommit:
             if isinstance(batch.error, StoreUnavailable):
                 raise batch.error
             raise StoreUnavailable(str(batch.error)) from batch.error
+
+    def _take_turn(self, deadline: bool) -> None:
+        with self._waiting_lock:
+            self._waiting += 1
+        try:
+            taken = self._lock.acquire(timeout=self.lock_timeout if deadline else -1)
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+        if not taken:
+            raise StoreUnavailable(
+                f"no turn to write within {self.lock_timeout:g} s: another write is stalled"
+            )
 
     def end_batch(self, commit: bool, error: BaseException | None = None) -> None:
         """End the open batch, if any; the caller has the write turn."""
@@ -180,15 +184,24 @@ class GroupCommit:
 class ProcessLock:
     """An exclusive flock of `path`, shared by every process writing one store.
 
-    The kernel hands a flock over the moment it is released; it is tried without blocking,
-    then again after pauses of FIRST_PAUSE doubling to LAST_PAUSE, until `timeout`. Opened in
-    the process that uses it: a descriptor inherited through fork shares its lock.
+    Tried at once without blocking; when busy, a helper thread blocks in flock, so that the
+    kernel hands the lock over the moment it is released (a poller would only see it free
+    between another process's batches and could wait forever), while the caller waits for it
+    until `timeout`. A wait given up leaves its helper blocked: the next wait takes it over, or
+    the helper releases the lock as soon as it gets it. The lock is used under the process's
+    write turn, so one caller at a time. Opened in the process that uses it: a descriptor
+    inherited through fork shares its lock.
     """
 
     def __init__(self, path: Path, timeout: float) -> None:
         self.path = path
         self.timeout = timeout
         self._fd = -1
+        self._state = threading.Condition(threading.Lock())
+        self._blocked_fd = -1  # the descriptor a helper is blocked on, if any
+        self._wanted = False  # a caller waits for that helper
+        self._granted = False  # the helper took the lock for that caller
+        self._failure: OSError | None = None
 
     def acquire(self, follow: bool = False) -> None:
         """With `follow`, a lock file deleted or replaced since it was opened is reopened, so
@@ -206,28 +219,76 @@ class ProcessLock:
             self.close()  # also unlocks it
         raise StoreUnavailable(f"{self.path} keeps being replaced")
 
+    @property
+    def is_open(self) -> bool:
+        return self._fd >= 0
+
     def release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = -1
+        with self._state:
+            # A blocked helper closes its descriptor itself once flock returns.
+            if self._fd >= 0 and self._fd != self._blocked_fd:
+                os.close(self._fd)
+            self._fd = -1
 
     def _take(self, deadline: float) -> None:
-        pause = FIRST_PAUSE
-        while True:
+        # Read without `_state`: only callers start a helper, one at a time, and a helper only
+        # ever clears it.
+        if self._blocked_fd < 0:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
                 pass
-            if time.monotonic() >= deadline:
+        with self._state:
+            if self._blocked_fd < 0:
+                self._wait_in_helper(self._fd)
+            elif self._blocked_fd != self._fd:
+                raise StoreUnavailable(f"{self.path}: still waiting for a lock file replaced since")
+            self._wanted, self._failure = True, None
+            try:
+                granted = self._state.wait_for(
+                    lambda: self._granted or self._failure is not None,
+                    timeout=max(deadline - time.monotonic(), 0.0),
+                )
+            finally:
+                self._wanted = False
+            if self._failure is not None:
+                raise StoreUnavailable(f"cannot lock {self.path}: {self._failure}")
+            if not granted:
                 raise StoreUnavailable(
                     f"{self.path} has been held by another process for {self.timeout:g} s"
                 )
-            time.sleep(pause)
-            pause = min(pause * 2, LAST_PAUSE)
+            self._granted = False
+
+    def _wait_in_helper(self, fd: int) -> None:
+        """Start a thread blocking in flock for `fd`; the caller holds `_state`."""
+        thread = threading.Thread(target=self._block, args=(fd,), name="store-flock", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            raise StoreUnavailable(f"cannot wait for {self.path}: {exc}") from exc
+        self._blocked_fd = fd
+
+    def _block(self, fd: int) -> None:
+        failure: OSError | None = None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            failure = exc
+        with self._state:
+            self._blocked_fd = -1
+            if failure is not None:
+                self._failure = failure
+            elif self._wanted:
+                self._granted = True
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)  # its caller gave up waiting
+            if fd != self._fd:
+                os.close(fd)  # closed while it was blocked
+            self._state.notify_all()
 
 
 FileId = tuple[int, int]  # (st_dev, st_ino): which file a path names

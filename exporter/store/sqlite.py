@@ -470,7 +470,8 @@ class SqliteCallStore:
 
     def _lock_processes(self, follow: bool = False) -> None:
         """The cross-process write lock; the caller has the write turn."""
-        self._make_directory()
+        if not self._process_lock.is_open:
+            self._make_directory()
         self._process_lock.acquire(follow)
 
     def _check_usable(self) -> None:
