@@ -18,7 +18,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -193,9 +193,12 @@ class ProcessLock:
     inherited through fork shares its lock.
     """
 
-    def __init__(self, path: Path, timeout: float) -> None:
+    def __init__(
+        self, path: Path, timeout: float, before_opening: Callable[[], None] = lambda: None
+    ) -> None:
         self.path = path
         self.timeout = timeout
+        self._before_opening = before_opening  # such as creating a directory deleted meanwhile
         self._fd = -1
         self._state = threading.Condition(threading.Lock())
         self._blocked_fd = -1  # the descriptor a helper is blocked on, if any
@@ -209,6 +212,7 @@ class ProcessLock:
         deadline = time.monotonic() + self.timeout
         for _ in range(10):
             if self._fd < 0:
+                self._before_opening()
                 try:
                     self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 except OSError as exc:
@@ -218,10 +222,6 @@ class ProcessLock:
                 return
             self.close()  # also unlocks it
         raise StoreUnavailable(f"{self.path} keeps being replaced")
-
-    @property
-    def is_open(self) -> bool:
-        return self._fd >= 0
 
     def release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)

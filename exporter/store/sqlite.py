@@ -187,7 +187,9 @@ class SqliteCallStore:
         # the store has moved to another file: readers opened before then reopen.
         self._files: dict[str, FileId | None] = {}
         self._generation = 0
-        self._process_lock = ProcessLock(Path(f"{self.path}.lock"), lock_timeout)
+        self._process_lock = ProcessLock(
+            Path(f"{self.path}.lock"), lock_timeout, before_opening=self._make_directory
+        )
         self._writes = GroupCommit(_SqliteJournal(self), lock_timeout)
         # SQLite connections and locks do not survive a fork: a store serves one process.
         self._owner_pid = os.getpid()
@@ -470,8 +472,6 @@ class SqliteCallStore:
 
     def _lock_processes(self, follow: bool = False) -> None:
         """The cross-process write lock; the caller has the write turn."""
-        if not self._process_lock.is_open:
-            self._make_directory()
         self._process_lock.acquire(follow)
 
     def _check_usable(self) -> None:
