@@ -33,7 +33,7 @@ from exporter.calls import CallTracker, Clock, TrackerSettings
 from exporter.config import Config
 from exporter.events import WebhookParser
 from exporter.legs import TallyLayout
-from exporter.store import SqliteCallStore, StoreSeed, StoreUnavailable
+from exporter.store import SqliteCallStore, StoreIncompatible, StoreSeed, StoreUnavailable
 
 if TYPE_CHECKING:
     from exporter.app import Deps
@@ -152,6 +152,8 @@ def initialise_store(config: Config) -> None:
 
 
 def _store_error(path: Path, exc: Exception) -> str:
+    if isinstance(exc, StoreIncompatible):
+        return f"call store {exc}"  # names the file and what to do
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     if _is_damaged_file(exc):
         advice = "restore it from a backup, or move it aside to start on an empty store"

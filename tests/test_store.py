@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from exporter.calls import CallTracker, TrackerSettings
+from exporter.config import parse_config
 from exporter.events import EVENT_KINDS, CallEvent, Direction, Service
 from exporter.legs import Leg, LegLabels, TallyKind, TallyLayout
+from exporter.startup import StartupError, initialise_store
 from exporter.store import LegQuery, SqliteCallStore, StoreUnavailable
-from tests.conftest import ACCOUNT, FakeClock
+from tests.conftest import ACCOUNT, FakeClock, base_config
 
 LAYOUT = TallyLayout(ring_buckets=(5.0, 20.0), talk_buckets=(60.0,))
 CALLER = "+421905123456"
@@ -122,6 +124,21 @@ def test_a_store_of_a_newer_schema_is_refused_before_anything_is_written(tmp_pat
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
     connection.close()
     assert "counters" not in tables  # not recreated
+
+
+def test_the_exporter_refuses_to_start_on_a_store_of_a_newer_schema(tmp_path: Path) -> None:
+    config = parse_config(base_config(tmp_path))
+    initialise_store(config)
+    with sqlite3.connect(config.store.path) as connection:
+        connection.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    connection.close()
+    with pytest.raises(StartupError) as refused:
+        initialise_store(config)
+    assert str(refused.value) == (
+        f"call store {config.store.path} holds schema version 2, this exporter reads version 1:"
+        " it was written by a newer exporter; run that one, or move the file away to start with"
+        " an empty store"
+    )
 
 
 def test_a_failing_change_in_a_shared_commit_takes_only_itself_back(

@@ -8,6 +8,7 @@ the row helpers every SQL backend shares.
 from exporter.store.base import (
     CallStore,
     LegQuery,
+    StoreIncompatible,
     StoreSeed,
     StoreSnapshot,
     StoreTransaction,
@@ -22,6 +23,7 @@ __all__ = [
     "CallStore",
     "LegQuery",
     "SqliteCallStore",
+    "StoreIncompatible",
     "StoreSeed",
     "StoreSnapshot",
     "StoreTransaction",

@@ -19,6 +19,11 @@ class StoreUnavailable(Exception):
     """The store cannot be read or written right now (locked, disk full, file gone)."""
 
 
+class StoreIncompatible(StoreUnavailable):
+    """The store was written by another version of the exporter (its schema version differs):
+    left untouched; the message says what to do."""
+
+
 @dataclass(frozen=True)
 class StoreSeed:
     """What a new store file starts with: the configured series at zero, the configured

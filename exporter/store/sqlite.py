@@ -20,7 +20,13 @@ from typing import TypeVar
 
 from exporter.events import Direction, Service
 from exporter.legs import CounterRow, Leg, LegLabels, Tally, TallyKind, TallyLayout, TimingRow
-from exporter.store.base import LegQuery, StoreSeed, StoreSnapshot, StoreUnavailable
+from exporter.store.base import (
+    LegQuery,
+    StoreIncompatible,
+    StoreSeed,
+    StoreSnapshot,
+    StoreUnavailable,
+)
 from exporter.store.digests import new_party_key, party_digest
 from exporter.store.groupcommit import FileId, GroupCommit, ProcessLock, _file_id
 from exporter.store.rows import LEG_COLUMNS, _key, _labels, _leg, _timing_series
@@ -357,11 +363,11 @@ class SqliteCallStore:
         version = str(row[0])
         refusal = f"{self.path} holds schema version {version}, this exporter reads version"
         if version.isdigit() and int(version) > int(SCHEMA_VERSION):
-            raise StoreUnavailable(
+            raise StoreIncompatible(
                 f"{refusal} {SCHEMA_VERSION}: it was written by a newer exporter; run that one, "
                 "or move the file away to start with an empty store"
             )
-        raise StoreUnavailable(f"{refusal} {SCHEMA_VERSION}")
+        raise StoreIncompatible(f"{refusal} {SCHEMA_VERSION}")
 
     def _make_directory(self) -> None:
         """The store's directory and any missing parent, for the service user only."""
