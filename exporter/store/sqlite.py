@@ -161,10 +161,11 @@ class _Checkpointer:
 class SqliteCallStore:
     """A CallStore in one SQLite file: one connection per process writes, one per thread reads.
 
-    Writers queue twice: threads on a lock of their process, processes on a flock of
-    `<store>.lock`, which the kernel hands over the moment it is released. SQLite's own busy
-    handler, which sleeps 1, 2, 5 ... 100 ms between tries however soon the lock comes free, is
-    left for writers from outside. The threads that queue together share one commit.
+    Writers queue twice, each time with `lock_timeout` as deadline (GroupCommit): threads on a
+    lock of their process, processes on a flock of `<store>.lock`, which the kernel hands over
+    the moment it is released. SQLite's own busy handler, which sleeps 1, 2, 5 ... 100 ms
+    between tries however soon the lock comes free, is left for writers from outside. The
+    threads that queue together share one commit.
 
     The file is followed by its path: a change is acknowledged only if, after its COMMIT, the
     path still names the file it went to. When the file is deleted or replaced, the next use
@@ -186,13 +187,13 @@ class SqliteCallStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        # Opened in the process that writes: a flock is shared by every copy of its descriptor,
-        # so a descriptor inherited through fork would not keep two workers apart.
         self._writer: sqlite3.Connection | None = None
         # Which files the writer has open (the store, its -wal and -shm), and how many times
         # the store has moved to another file: readers opened before then reopen.
         self._files: dict[str, FileId | None] = {}
         self._generation = 0
+        # Opened in the process that writes: a flock is shared by every copy of its descriptor,
+        # so a descriptor inherited through fork would not keep two workers apart.
         self._process_lock = ProcessLock(
             Path(f"{self.path}.lock"), lock_timeout, before_opening=self._make_directory
         )
