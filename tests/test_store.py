@@ -16,7 +16,7 @@ from exporter.config import parse_config
 from exporter.events import EVENT_KINDS, CallEvent, Direction, Service
 from exporter.legs import Leg, LegLabels, TallyKind, TallyLayout
 from exporter.startup import StartupError, initialise_store
-from exporter.store import LegQuery, SqliteCallStore, StoreUnavailable
+from exporter.store import SqliteCallStore, StoreUnavailable
 from tests.conftest import ACCOUNT, FakeClock, base_config
 
 LAYOUT = TallyLayout(ring_buckets=(5.0, 20.0), talk_buckets=(60.0,))
@@ -50,22 +50,6 @@ def test_uses_write_ahead_logging(tmp_path: Path) -> None:
 def test_creates_the_directory_of_its_file(tmp_path: Path) -> None:
     SqliteCallStore(tmp_path / "data" / "deeper" / "calls.sqlite3", LAYOUT).close()
     assert (tmp_path / "data" / "deeper" / "calls.sqlite3").exists()
-
-
-def test_open_legs_and_totals_survive_a_reopen(tmp_path: Path, clock: FakeClock) -> None:
-    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
-    CallTracker(store, TrackerSettings(), clock).on_event(start("keep"))
-    before = store.snapshot()
-    store.close()
-
-    reopened = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
-    assert reopened.snapshot() == before
-    assert sum(before.active.values()) == 1
-    with reopened.transaction() as tx:
-        query = LegQuery(ACCOUNT, Service.VPBX, Direction.INBOUND, "108", "keep", None, 0.0)
-        (leg,) = tx.legs_matching(query)
-    assert (leg.call_id, leg.is_open, leg.started_at) == ("keep", True, clock.now)
-    reopened.close()
 
 
 def test_phone_numbers_are_not_written_to_disk(tmp_path: Path, clock: FakeClock) -> None:

@@ -219,6 +219,20 @@ def test_closed_legs_without_a_call_id_match_only_within_the_window_or_when_expi
     assert store.snapshot().active == {}
 
 
+def test_open_legs_and_totals_survive_a_reopen(open_store: OpenStore, clock: FakeClock) -> None:
+    store = open_store()
+    CallTracker(store, TrackerSettings(), clock).on_event(event("onInCallingStart", "keep"))
+    before = store.snapshot()
+    store.close()
+
+    reopened = open_store()
+    assert normalised(reopened.snapshot()) == normalised(before)
+    assert before.active == {LABELS: 1}
+    with reopened.transaction() as tx:
+        (kept,) = tx.legs_matching(query("keep"))
+    assert (kept.call_id, kept.is_open, kept.started_at) == ("keep", True, clock.now)
+
+
 def test_a_late_start_is_written_to_a_closed_leg(store: CallStore) -> None:
     with store.transaction() as tx:
         closed = leg("call-1", 100.0)
