@@ -1,6 +1,7 @@
 """The call-leg state machine (docs/design.md, "Legs").
 
-Plain Python: the store and the clock are handed in.
+Plain Python: the store and the clock are handed in, and the store is asked for legs by a
+`LegQuery` the rules here build.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from exporter.legs import (
     Outcome,
     Tally,
 )
-from exporter.store import CallStore, StoreTransaction
+from exporter.store import CallStore, LegQuery, StoreTransaction
 
 Clock = Callable[[], float]
 CLOSED_LEG_RETENTION = 24 * 3600.0  # how long a leg with a call_id absorbs late copies
@@ -96,13 +97,31 @@ class CallTracker:
     def _apply(
         self, tx: StoreTransaction, event: CallEvent, step: Step, now: float
     ) -> tuple[Disposition, list[Tally]]:
-        candidates = tx.candidate_legs(event, closed_since=now - self._settings.duplicate_window)
+        candidates = tx.legs_matching(self._legs_of(event, now))
         expired = self._expire_overdue(tx, candidates, now)
         if step is Step.START:
             disposition, tallies = self._start(tx, event, candidates, now)
         else:
             disposition, tallies = self._act_on_leg(tx, event, step, candidates, now)
         return disposition, [*expired, *tallies]
+
+    def _legs_of(self, event: CallEvent, now: float) -> LegQuery:
+        """The legs an event may belong to (docs/design.md, Leg identity).
+
+        With a call_id, that call's leg at the abon. Without, the legs of the extension still
+        able to take an event, of the same caller or an unknown one: either side may lack the
+        number (close notices often carry no did).
+        """
+        assert event.kind is not None
+        return LegQuery(
+            account=event.account,
+            service=event.service,
+            direction=event.kind.direction,
+            abon=event.abon,
+            call_id=event.call_id,
+            party=event.did,
+            closed_since=now - self._settings.duplicate_window,
+        )
 
     def _expire_overdue(
         self, tx: StoreTransaction, candidates: list[Leg], now: float
@@ -165,16 +184,15 @@ class CallTracker:
     def _start_is_known(self, event: CallEvent, candidates: list[Leg], now: float) -> bool:
         """A copy of a start already taken.
 
-        Without a call_id this needs the caller's number: two calls of withheld numbers at one
-        extension are two calls, however close together.
+        Without a call_id this needs a leg of the same caller's number: two calls of withheld
+        numbers at one extension are two calls, however close together, and a call from a
+        number is not a copy of one from a withheld number.
         """
         if event.call_id is not None:
             return bool(candidates)
-        if event.did is None:
-            return False
         window_start = now - self._settings.duplicate_window
         return any(
-            leg.opened_at >= window_start and (leg.is_open or leg.started_late)
+            leg.same_party and leg.opened_at >= window_start and (leg.is_open or leg.started_late)
             for leg in candidates
         )
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from exporter.events import Direction, Service
@@ -48,6 +48,8 @@ class Leg:
     closed_at: float | None = None
     outcome: Outcome | None = None
     id: int | None = None
+    # Set by the store on the legs a LegQuery finds: its other party is known and is the query's.
+    same_party: bool = field(default=False, compare=False)
 
     @property
     def is_open(self) -> bool:

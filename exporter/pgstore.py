@@ -37,10 +37,11 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from exporter.events import CallEvent, Direction, Service
+from exporter.events import Direction, Service
 from exporter.legs import CounterRow, Leg, LegLabels, Tally, TallyKind, TallyLayout, TimingRow
 from exporter.store import (
     LEG_COLUMNS,
+    LegQuery,
     StoreSnapshot,
     StoreUnavailable,
     _key,
@@ -337,31 +338,33 @@ class _PostgresTransaction:
         self._counters: dict[tuple[str, str], float] = {}
         self._timings: dict[tuple[str, str, float], tuple[int, float]] = {}
 
-    def candidate_legs(self, event: CallEvent, closed_since: float) -> list[Leg]:
+    def legs_matching(self, query: LegQuery) -> list[Leg]:
+        party = None
         # Sent together, run in turn: the SELECT reads what the lock's last holder committed.
         with self.connection.pipeline():
-            if event.call_id is not None:
-                self._lock_legs(_call_lock(event.account, event.call_id, event.abon))
+            if query.call_id is not None:
+                self._lock_legs(_call_lock(query.account, query.call_id, query.abon))
                 cursor = self.connection.execute(
-                    _LEGS_OF_CALL, (event.account, event.call_id, event.abon)
+                    _LEGS_OF_CALL, (query.account, query.call_id, query.abon)
                 )
             else:
-                assert event.kind is not None
                 extension = (
-                    event.account,
-                    event.service.value,
-                    event.kind.direction.value,
-                    event.abon,
+                    query.account,
+                    query.service.value,
+                    query.direction.value,
+                    query.abon,
                 )
                 self._lock_legs(_abon_lock(*extension))
-                party = self._party(event.did)
+                party = self._party(query.party)
                 if party is None:
-                    cursor = self.connection.execute(_LEGS_OF_EXTENSION, (*extension, closed_since))
+                    cursor = self.connection.execute(
+                        _LEGS_OF_EXTENSION, (*extension, query.closed_since)
+                    )
                 else:
                     cursor = self.connection.execute(
-                        _LEGS_OF_PARTY, (*extension, party, closed_since)
+                        _LEGS_OF_PARTY, (*extension, party, query.closed_since)
                     )
-        return [_leg(row) for row in cursor.fetchall()]
+        return [_leg(row, party) for row in cursor.fetchall()]
 
     def insert_leg(self, leg: Leg, did: str | None) -> None:
         labels = leg.labels

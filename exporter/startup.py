@@ -33,7 +33,7 @@ from exporter.calls import CallTracker, Clock, TrackerSettings
 from exporter.config import Config
 from exporter.events import WebhookParser
 from exporter.legs import TallyLayout
-from exporter.store import SqliteCallStore, StoreSeed, StoreUnavailable
+from exporter.store import SqliteCallStore, StoreIncompatible, StoreSeed, StoreUnavailable
 
 if TYPE_CHECKING:
     from exporter.app import Deps
@@ -119,6 +119,15 @@ def store_seed(config: Config, layout: TallyLayout) -> StoreSeed:
     )
 
 
+def store_lock_timeout(config: Config) -> float:
+    """How long a write waits for its turn, in its process and then among processes.
+
+    A quarter of server.timeout each: a stalled writer gives 503s well before the request
+    would have timed out, never a request hanging.
+    """
+    return config.server.timeout / 4
+
+
 def initialise_store(config: Config) -> None:
     """The schema and the zero series, once, in the master, before workers fork.
 
@@ -129,7 +138,9 @@ def initialise_store(config: Config) -> None:
     layout = tally_layout(config)
     path = Path(config.store.path)
     try:
-        store = SqliteCallStore(path, layout, store_seed(config, layout))
+        store = SqliteCallStore(
+            path, layout, store_seed(config, layout), lock_timeout=store_lock_timeout(config)
+        )
         try:
             store.ensure_rows(initial_rows(config, layout))
             for account, extensions in config.extensions.items():
@@ -141,6 +152,8 @@ def initialise_store(config: Config) -> None:
 
 
 def _store_error(path: Path, exc: Exception) -> str:
+    if isinstance(exc, StoreIncompatible):
+        return f"call store {exc}"  # names the file and what to do
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     if _is_damaged_file(exc):
         advice = "restore it from a backup, or move it aside to start on an empty store"
@@ -166,7 +179,12 @@ def build_deps(
     from exporter.metrics import build_metrics
 
     layout = tally_layout(config)
-    store = SqliteCallStore(Path(config.store.path), layout, store_seed(config, layout))
+    store = SqliteCallStore(
+        Path(config.store.path),
+        layout,
+        store_seed(config, layout),
+        lock_timeout=store_lock_timeout(config),
+    )
     rejections, scrape = build_metrics(store, config, multiprocess_dir, clock)
     settings = TrackerSettings(
         max_duration=config.calls.max_duration,

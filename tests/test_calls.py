@@ -12,7 +12,8 @@ import pytest
 from exporter.calls import CallTracker, Disposition, TrackerSettings
 from exporter.events import EVENT_KINDS, CallEvent, Service
 from exporter.legs import OTHER_EXTENSION, TallyKind, TallyLayout
-from exporter.store import SqliteCallStore, StoreUnavailable, _SqliteTransaction
+from exporter.store import SqliteCallStore, StoreUnavailable
+from exporter.store.sqlite import _SqliteTransaction
 from tests.conftest import ACCOUNT, Exporter, FakeClock, call_totals
 
 LAYOUT = TallyLayout(ring_buckets=(5.0, 20.0), talk_buckets=(60.0,))
@@ -81,6 +82,16 @@ def test_start_copy_without_call_id_inside_the_window_opens_no_second_leg(
     clock.advance(2)
     assert tracker.on_event(event("onInCallingStart", did="1")) is Disposition.OPENED
     assert sum(store.snapshot().active.values()) == 2
+
+
+def test_a_start_with_a_number_is_no_copy_of_an_open_start_from_a_withheld_number(
+    tracker: CallTracker, store: SqliteCallStore, clock: FakeClock
+) -> None:
+    assert tracker.on_event(event("onInCallingStart")) is Disposition.OPENED
+    clock.advance(5)
+    assert tracker.on_event(event("onInCallingStart", did="1")) is Disposition.OPENED
+    assert sum(store.snapshot().active.values()) == 2
+    assert started(store) == 2
 
 
 def test_caller_calling_back_right_after_a_missed_call_is_a_new_call(
@@ -340,7 +351,7 @@ def test_events_are_dated_by_the_clock_inside_the_transaction(
 
     def clock_with_lock_check() -> float:
         # The store's write lock is held while the tracker reads the clock.
-        readings.append(float(store._write_lock.locked()))
+        readings.append(float(store._writes.locked))
         return clock()
 
     CallTracker(store, TrackerSettings(), clock_with_lock_check).on_event(

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from exporter.calls import CallTracker, TrackerSettings
+from exporter.config import parse_config
 from exporter.events import EVENT_KINDS, CallEvent, Direction, Service
-from exporter.legs import CounterRow, Leg, LegLabels, TallyKind, TallyLayout, TimingRow
+from exporter.legs import Leg, LegLabels, TallyKind, TallyLayout
+from exporter.startup import StartupError, initialise_store
 from exporter.store import SqliteCallStore, StoreUnavailable
-from tests.conftest import ACCOUNT, FakeClock
+from tests.conftest import ACCOUNT, FakeClock, base_config
 
 LAYOUT = TallyLayout(ring_buckets=(5.0, 20.0), talk_buckets=(60.0,))
 CALLER = "+421905123456"
@@ -50,21 +52,6 @@ def test_creates_the_directory_of_its_file(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "deeper" / "calls.sqlite3").exists()
 
 
-def test_open_legs_and_totals_survive_a_reopen(tmp_path: Path, clock: FakeClock) -> None:
-    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
-    CallTracker(store, TrackerSettings(), clock).on_event(start("keep"))
-    before = store.snapshot()
-    store.close()
-
-    reopened = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
-    assert reopened.snapshot() == before
-    assert sum(before.active.values()) == 1
-    with reopened.transaction() as tx:
-        (leg,) = tx.candidate_legs(start("keep"), closed_since=0)
-    assert (leg.call_id, leg.is_open, leg.started_at) == ("keep", True, clock.now)
-    reopened.close()
-
-
 def test_phone_numbers_are_not_written_to_disk(tmp_path: Path, clock: FakeClock) -> None:
     store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
     tracker = CallTracker(store, TrackerSettings(), clock)
@@ -73,17 +60,6 @@ def test_phone_numbers_are_not_written_to_disk(tmp_path: Path, clock: FakeClock)
     for path in tmp_path.iterdir():
         assert CALLER.encode() not in path.read_bytes(), path.name
         assert b"421905123456" not in path.read_bytes(), path.name
-
-
-def test_legs_without_call_id_match_on_the_other_party(tmp_path: Path, clock: FakeClock) -> None:
-    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
-    tracker = CallTracker(store, TrackerSettings(), clock)
-    tracker.on_event(start(None, did="+1"))
-    tracker.on_event(start(None, did="+2"))
-    with store.transaction() as tx:
-        assert len(tx.candidate_legs(start(None, did="+1"), closed_since=0)) == 1
-        assert len(tx.candidate_legs(start(None, did="+3"), closed_since=0)) == 0
-    store.close()
 
 
 def test_concurrent_writers_from_many_threads_and_two_stores_lose_nothing(
@@ -107,43 +83,46 @@ def test_concurrent_writers_from_many_threads_and_two_stores_lose_nothing(
         store.close()
 
 
-def test_a_failed_transaction_leaves_nothing_behind(tmp_path: Path, clock: FakeClock) -> None:
-    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
-    labels = LegLabels(ACCOUNT, Service.VPBX, Direction.INBOUND, "108")
-
-    def interrupted_insert() -> None:
-        with store.transaction() as tx:
-            tx.insert_leg(Leg(labels, "108", "x", clock.now, clock.now), did=None)
-            raise RuntimeError("interrupted")
-
-    with pytest.raises(RuntimeError):
-        interrupted_insert()
-    assert store.snapshot().active == {}
-    store.close()
-
-
-def test_ensure_rows_creates_zero_series_once(tmp_path: Path) -> None:
-    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
-    rows: list[CounterRow | TimingRow] = [
-        CounterRow(TallyKind.OVERFLOW, (str(ACCOUNT),)),
-        TimingRow(TallyKind.TALK, (str(ACCOUNT), "vpbx", "inbound"), float("inf"), 0),
-    ]
-    store.ensure_rows(rows)
-    with store.transaction() as tx:
-        tx.record([])
-    store.ensure_rows(rows)
-    snapshot = store.snapshot()
-    assert snapshot.counters[TallyKind.OVERFLOW] == {(str(ACCOUNT),): 0}
-    (talk,) = snapshot.timings[TallyKind.TALK]
-    assert (talk.buckets, talk.total) == ({float("inf"): 0}, 0)
-    store.close()
-
-
 def test_unreadable_file_raises_store_unavailable(tmp_path: Path) -> None:
     path = tmp_path / "calls.sqlite3"
     path.write_bytes(b"garbage" * 1000)
     with pytest.raises(StoreUnavailable):
         SqliteCallStore(path, LAYOUT)
+
+
+def test_a_store_of_a_newer_schema_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    SqliteCallStore(path, LAYOUT).close()
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        connection.execute("DROP TABLE counters")
+        connection.execute("PRAGMA journal_mode=DELETE")
+    connection.close()
+    before = path.read_bytes()
+
+    with pytest.raises(StoreUnavailable, match="schema version 2, this exporter reads version 1"):
+        SqliteCallStore(path, LAYOUT)
+
+    assert path.read_bytes() == before  # not even switched to WAL mode
+    with sqlite3.connect(path) as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    connection.close()
+    assert "counters" not in tables  # not recreated
+
+
+def test_the_exporter_refuses_to_start_on_a_store_of_a_newer_schema(tmp_path: Path) -> None:
+    config = parse_config(base_config(tmp_path))
+    initialise_store(config)
+    with sqlite3.connect(config.store.path) as connection:
+        connection.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    connection.close()
+    with pytest.raises(StartupError) as refused:
+        initialise_store(config)
+    assert str(refused.value) == (
+        f"call store {config.store.path} holds schema version 2, this exporter reads version 1:"
+        " it was written by a newer exporter; run that one, or move the file away to start with"
+        " an empty store"
+    )
 
 
 def test_a_failing_change_in_a_shared_commit_takes_only_itself_back(

@@ -30,7 +30,13 @@ from exporter.legs import (
     TimingRow,
 )
 from exporter.pgstore import PostgresCallStore
-from exporter.store import CallStore, SqliteCallStore, StoreSnapshot, StoreUnavailable
+from exporter.store import (
+    CallStore,
+    LegQuery,
+    SqliteCallStore,
+    StoreSnapshot,
+    StoreUnavailable,
+)
 from tests.conftest import ACCOUNT, FakeClock, free_port
 
 if TYPE_CHECKING:
@@ -53,6 +59,11 @@ def event(
 ) -> CallEvent:
     kind = EVENT_KINDS[event_type]
     return CallEvent(event_type, kind, ACCOUNT, kind.service, abon, did, call_id, billsec)
+
+
+def query(call_id: str | None, did: str | None = CALLER, closed_since: float = 0.0) -> LegQuery:
+    """The legs an inbound vPBX event at extension 108 may belong to."""
+    return LegQuery(ACCOUNT, Service.VPBX, Direction.INBOUND, "108", call_id, did, closed_since)
 
 
 def leg(call_id: str | None, opened_at: float, labels: LegLabels = LABELS) -> Leg:
@@ -133,30 +144,30 @@ def test_a_leg_with_a_call_id_is_found_saved_closed_and_forgotten(store: CallSto
     assert opened.id is not None
 
     with store.transaction() as tx:
-        (found,) = tx.candidate_legs(event("onInCallingAnswered", "call-1"), closed_since=0.0)
+        (found,) = tx.legs_matching(query("call-1", closed_since=0.0))
         assert found == opened
         found.answered_at = 110.0
         tx.save_leg(found)
     with store.transaction() as tx:
-        (found,) = tx.candidate_legs(event("onInCallingEnd", "call-1"), closed_since=0.0)
+        (found,) = tx.legs_matching(query("call-1", closed_since=0.0))
         assert found.answered_at == 110.0
         found.closed_at, found.outcome = 150.0, Outcome.ANSWERED
         tx.save_leg(found)
     with store.transaction() as tx:
         # Closed legs with a call_id still match, whatever closed_since says: they absorb copies.
-        (closed,) = tx.candidate_legs(event("onInCallingEnd", "call-1"), closed_since=1e12)
+        (closed,) = tx.legs_matching(query("call-1", closed_since=1e12))
         assert (closed.closed_at, closed.outcome) == (150.0, Outcome.ANSWERED)
         assert tx.open_legs_before(1e12) == [leg_of(tx, "call-2")]
         tx.forget_closed_legs(with_call_id_before=151.0, without_call_id_before=151.0)
     with store.transaction() as tx:
-        assert tx.candidate_legs(event("onInCallingEnd", "call-1"), closed_since=0.0) == []
+        assert tx.legs_matching(query("call-1", closed_since=0.0)) == []
         assert leg_of(tx, "call-2").is_open
     assert store.snapshot().active == {LABELS: 1}
 
 
 def leg_of(tx: object, call_id: str) -> Leg:
-    assert hasattr(tx, "candidate_legs")
-    (found,) = tx.candidate_legs(event("onInCallingEnd", call_id), closed_since=0.0)
+    assert hasattr(tx, "legs_matching")
+    (found,) = tx.legs_matching(query(call_id, closed_since=0.0))
     assert isinstance(found, Leg)
     return found
 
@@ -173,10 +184,13 @@ def test_legs_without_a_call_id_match_by_extension_and_party_oldest_first(
             leg(None, 5.0, LegLabels(ACCOUNT, Service.VPBX, Direction.INBOUND, "109")), None
         )
     with store.transaction() as tx:
-        end = event("onInCallingEnd", None)
-        assert tx.candidate_legs(end, closed_since=0.0) == [same, withheld]
-        anonymous_end = event("onInCallingEnd", None, did=None)
-        assert tx.candidate_legs(anonymous_end, closed_since=0.0) == [other, same, withheld]
+        found = tx.legs_matching(query(None))
+        assert found == [same, withheld]
+        # Only a leg of the same known number is the same party; a withheld one may be anyone.
+        assert [one.same_party for one in found] == [True, False]
+        found = tx.legs_matching(query(None, did=None))
+        assert found == [other, same, withheld]
+        assert not any(one.same_party for one in found)
 
 
 def test_closed_legs_without_a_call_id_match_only_within_the_window_or_when_expired(
@@ -192,17 +206,31 @@ def test_closed_legs_without_a_call_id_match_only_within_the_window_or_when_expi
             one.closed_at, one.outcome = closed_at, outcome
             tx.insert_leg(one, CALLER)
     with store.transaction() as tx:
-        assert tx.candidate_legs(event("onInCallingEnd", None), closed_since=90.0) == [
+        assert tx.legs_matching(query(None, closed_since=90.0)) == [
             recent,
             expired,
         ]
         tx.forget_closed_legs(with_call_id_before=0.0, without_call_id_before=90.0)
     with store.transaction() as tx:
-        assert tx.candidate_legs(event("onInCallingEnd", None), closed_since=0.0) == [
+        assert tx.legs_matching(query(None, closed_since=0.0)) == [
             recent,
             expired,
         ]
     assert store.snapshot().active == {}
+
+
+def test_open_legs_and_totals_survive_a_reopen(open_store: OpenStore, clock: FakeClock) -> None:
+    store = open_store()
+    CallTracker(store, TrackerSettings(), clock).on_event(event("onInCallingStart", "keep"))
+    before = store.snapshot()
+    store.close()
+
+    reopened = open_store()
+    assert normalised(reopened.snapshot()) == normalised(before)
+    assert before.active == {LABELS: 1}
+    with reopened.transaction() as tx:
+        (kept,) = tx.legs_matching(query("keep"))
+    assert (kept.call_id, kept.is_open, kept.started_at) == ("keep", True, clock.now)
 
 
 def test_a_late_start_is_written_to_a_closed_leg(store: CallStore) -> None:
@@ -229,7 +257,7 @@ def test_a_failed_transaction_leaves_nothing(store: CallStore) -> None:
     with pytest.raises(RuntimeError, match="the tracker failed"):
         fail_midway(store)
     with store.transaction() as tx:
-        assert tx.candidate_legs(event("onInCallingEnd", "call-1"), closed_since=0.0) == []
+        assert tx.legs_matching(query("call-1", closed_since=0.0)) == []
     assert store.snapshot() == StoreSnapshot()
 
 
@@ -480,6 +508,18 @@ def test_the_tracker_leaves_the_same_totals_in_both_stores(
     sqlite, postgres = snapshots
     assert postgres == sqlite
     assert sqlite[1].counters[TallyKind.ENDED]  # the sequence did close legs
+
+
+def test_only_a_leg_of_the_same_number_makes_a_start_a_copy(
+    store: CallStore, clock: FakeClock
+) -> None:
+    tracker = CallTracker(store, TrackerSettings(), clock)
+    assert tracker.on_event(event("onInCallingStart", None, did=None)) is Disposition.OPENED
+    clock.advance(5.0)
+    assert tracker.on_event(event("onInCallingStart", None)) is Disposition.OPENED
+    clock.advance(5.0)
+    assert tracker.on_event(event("onInCallingStart", None)) is Disposition.DUPLICATE
+    assert store.snapshot().active == {LABELS: 2}
 
 
 @pytest.mark.postgresql

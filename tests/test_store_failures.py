@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import exporter.store
+import exporter.store.sqlite
 from exporter.events import Direction, Service
 from exporter.legs import CounterRow, Leg, LegLabels, TallyKind, TallyLayout
 from exporter.store import SqliteCallStore, StoreSeed, StoreUnavailable
@@ -142,7 +142,7 @@ def test_every_change_of_a_shared_commit_is_refused_when_the_file_moves(
     queued = [threading.Thread(target=change, args=(f"c{n}",)) for n in range(1, 6)]
     for thread in queued:
         thread.start()
-    while store._waiting < len(queued):
+    while store._writes.waiting < len(queued):
         threading.Event().wait(0.001)
     path.unlink()
     release_first.set()
@@ -235,7 +235,7 @@ def overwrite(path: Path, offset: int, data: bytes) -> None:
 
 @pytest.fixture
 def no_failure_hold(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(exporter.store, "FAILURE_HOLD", 0.0)
+    monkeypatch.setattr(exporter.store.sqlite, "FAILURE_HOLD", 0.0)
 
 
 def test_ping_probes_the_indexes_events_write(
@@ -286,7 +286,7 @@ def test_ping_is_ready_again_after_the_hold_without_traffic(
     with pytest.raises(StoreUnavailable):
         add_leg(store, "refused")
     overwrite(path, offset, original)
-    monkeypatch.setattr(exporter.store, "FAILURE_HOLD", 0.0)
+    monkeypatch.setattr(exporter.store.sqlite, "FAILURE_HOLD", 0.0)
     store.ping()
 
 
@@ -360,7 +360,7 @@ import resource, signal, sys
 from exporter.legs import TallyLayout
 from exporter.store import SqliteCallStore, StoreUnavailable
 from tests.test_store_failures import LAYOUT, add_leg
-import exporter.store
+import exporter.store.sqlite
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
 store = SqliteCallStore(sys.argv[1], LAYOUT)
@@ -380,7 +380,7 @@ except StoreUnavailable as exc:
     assert "the last write failed" in str(exc), exc
 else:
     raise AssertionError("ready while every write fails")
-exporter.store.FAILURE_HOLD = 0.0
+exporter.store.sqlite.FAILURE_HOLD = 0.0
 try:
     store.ping()  # the probe write fails too
 except StoreUnavailable:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.store import PROBE_FRESH
+from exporter.store.sqlite import PROBE_FRESH
 from tests.conftest import ACCOUNT, SECRET, ServerProcess
 from tests.test_store_failures import index_page, overwrite
 

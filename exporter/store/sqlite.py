@@ -1,131 +1,47 @@
-"""The call store: open legs and call totals, shared by every worker and kept across restarts.
+"""The call store in one SQLite file in WAL mode, shared by the workers of one host.
 
-`CallStore` is what the tracker and the metrics need; `SqliteCallStore` keeps it in one SQLite
-file in WAL mode. A leg's change and the totals it implies are written in one transaction, so a
-worker killed at any instant leaves either both or neither.
+A leg's change and the totals it implies are written in one transaction, so a worker killed at
+any instant leaves either both or neither; the workers' changes are committed in groups
+(exporter.store.groupcommit).
 """
 
 from __future__ import annotations
 
-import fcntl
-import functools
-import hashlib
-import hmac
-import json
 import logging
 import os
-import secrets
 import sqlite3
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
-from dataclasses import dataclass, field
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
-from exporter.events import CallEvent, Direction, Service
-from exporter.legs import (
-    CounterRow,
-    Leg,
-    LegLabels,
-    Outcome,
-    Tally,
-    TallyKind,
-    TallyLayout,
-    TimingRow,
+from exporter.events import Direction, Service
+from exporter.legs import CounterRow, Leg, LegLabels, Tally, TallyKind, TallyLayout, TimingRow
+from exporter.store.base import (
+    LegQuery,
+    StoreIncompatible,
+    StoreSeed,
+    StoreSnapshot,
+    StoreUnavailable,
 )
+from exporter.store.digests import new_party_key, party_digest
+from exporter.store.groupcommit import FileId, GroupCommit, ProcessLock, _file_id
+from exporter.store.rows import LEG_COLUMNS, _key, _labels, _leg, _timing_series
 
 R = TypeVar("R")
 log = logging.getLogger("exporter.store")
 SCHEMA_VERSION = "1"
 BUSY_TIMEOUT_MS = 10_000
-MAX_BATCH = 32  # changes committed together at most
+LOCK_TIMEOUT = 10.0  # seconds a write waits for its turn, by default
 CHECKPOINT_COMMITS = 100  # about as often as SQLite's default of 1,000 WAL pages
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint
 PROBE_FRESH = 1.0  # seconds a successful write stands for readiness without a write probe
 FAILURE_HOLD = 5.0  # seconds a failed write keeps the store unready, unless a write succeeds
 JOURNALS = ("-wal", "-shm")  # the files SQLite keeps next to the store, named after it
-FileId = tuple[int, int]  # (st_dev, st_ino): which file a path names
-
-
-class StoreUnavailable(Exception):
-    """The store cannot be read or written right now (locked, disk full, file gone)."""
-
-
-@dataclass(frozen=True)
-class StoreSeed:
-    """What a new store file starts with: the configured series at zero, the configured
-    extensions' places. A worker that finds its file deleted recreates it alone, with these.
-    """
-
-    rows: tuple[CounterRow | TimingRow, ...] = ()
-    extensions: tuple[tuple[int, tuple[str, ...]], ...] = ()
-
-
-@dataclass(frozen=True)
-class TimingSeries:
-    labels: tuple[str, ...]
-    buckets: dict[float, int]  # upper bound -> observations in that bucket alone
-    total: float
-
-
-@dataclass(frozen=True)
-class StoreSnapshot:
-    """Everything /metrics shows from the store, read in one consistent view."""
-
-    counters: dict[TallyKind, dict[tuple[str, ...], float]] = field(default_factory=dict)
-    timings: dict[TallyKind, list[TimingSeries]] = field(default_factory=dict)
-    active: dict[LegLabels, int] = field(default_factory=dict)
-    last_events: dict[tuple[int, Service], float] = field(default_factory=dict)
-
-
-class StoreTransaction(Protocol):
-    def candidate_legs(self, event: CallEvent, closed_since: float) -> list[Leg]:
-        """Legs this event may belong to, oldest first.
-
-        With a call_id: the leg of (account, call_id, abon), open or closed. Without: the legs
-        of (account, service, direction, abon) and the same other party (either side may lack
-        the number) that are open, closed since `closed_since`, or expired.
-        """
-
-    def insert_leg(self, leg: Leg, did: str | None) -> None: ...
-
-    def save_leg(self, leg: Leg) -> None:
-        """Write back a leg's start, answer and close times and its outcome."""
-
-    def open_legs_before(self, opened_before: float) -> list[Leg]: ...
-
-    def forget_closed_legs(
-        self, with_call_id_before: float, without_call_id_before: float
-    ) -> None: ...
-
-    def admit_extension(self, account: int, extension: str, limit: int) -> bool:
-        """True if the extension has, or now gets, one of the account's `limit` places."""
-
-    def touch(self, account: int, service: Service, at: float) -> None: ...
-
-    def record(self, tallies: Iterable[Tally]) -> None: ...
-
-
-class CallStore(Protocol):
-    layout: TallyLayout
-
-    def transaction(self) -> AbstractContextManager[StoreTransaction]: ...
-
-    def snapshot(self) -> StoreSnapshot: ...
-
-    def ensure_rows(self, rows: Iterable[CounterRow | TimingRow]) -> None:
-        """Create these series at zero unless they exist."""
-
-    def reserve_extensions(self, account: int, extensions: Iterable[str]) -> None:
-        """Give these extensions their own series, whatever limits.max_extensions says."""
-
-    def ping(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 SCHEMA = """
@@ -169,27 +85,6 @@ CREATE TABLE IF NOT EXISTS last_events (
     account INTEGER, service TEXT, at REAL NOT NULL, PRIMARY KEY (account, service)
 ) WITHOUT ROWID;
 """
-
-LEG_COLUMNS = (
-    "id, account, service, direction, abon, extension, call_id,"
-    " opened_at, started_at, answered_at, closed_at, outcome"
-)
-
-
-class _Batch:
-    """Changes of several threads in one SQLite transaction, and how its commit went."""
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self.connection = connection
-        self.size = 0
-        self.error: BaseException | None = None
-        # Held until the batch ends; its members wait by taking it in turn (cheaper than an Event).
-        self.done = threading.Lock()
-        self.done.acquire()
-
-    def wait(self) -> None:
-        with self.done:
-            pass
 
 
 class _Checkpointer:
@@ -266,10 +161,11 @@ class _Checkpointer:
 class SqliteCallStore:
     """A CallStore in one SQLite file: one connection per process writes, one per thread reads.
 
-    Writers queue twice: threads on a lock of their process, processes on a flock of
-    `<store>.lock`, which the kernel hands over the moment it is released. SQLite's own busy
-    handler, which sleeps 1, 2, 5 ... 100 ms between tries however soon the lock comes free, is
-    left for writers from outside. The threads that queue together share one commit.
+    Writers queue twice, each time with `lock_timeout` as deadline (GroupCommit): threads on a
+    lock of their process, processes on a flock of `<store>.lock`, which the kernel hands over
+    the moment it is released. SQLite's own busy handler, which sleeps 1, 2, 5 ... 100 ms
+    between tries however soon the lock comes free, is left for writers from outside. The
+    threads that queue together share one commit.
 
     The file is followed by its path: a change is acknowledged only if, after its COMMIT, the
     path still names the file it went to. When the file is deleted or replaced, the next use
@@ -277,7 +173,11 @@ class SqliteCallStore:
     """
 
     def __init__(
-        self, path: str | Path, layout: TallyLayout, seed: StoreSeed | None = None
+        self,
+        path: str | Path,
+        layout: TallyLayout,
+        seed: StoreSeed | None = None,
+        lock_timeout: float = LOCK_TIMEOUT,
     ) -> None:
         self.path = Path(path)
         self.layout = layout
@@ -287,19 +187,17 @@ class SqliteCallStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        # Opened in the process that writes: a flock is shared by every copy of its descriptor,
-        # so a descriptor inherited through fork would not keep two workers apart.
         self._writer: sqlite3.Connection | None = None
         # Which files the writer has open (the store, its -wal and -shm), and how many times
         # the store has moved to another file: readers opened before then reopen.
         self._files: dict[str, FileId | None] = {}
         self._generation = 0
-        # The open group-commit transaction, and how many threads wait to add to it.
-        self._batch: _Batch | None = None
-        self._waiting = 0
-        self._waiting_lock = threading.Lock()
-        self._lock_fd = -1
+        # Opened in the process that writes: a flock is shared by every copy of its descriptor,
+        # so a descriptor inherited through fork would not keep two workers apart.
+        self._process_lock = ProcessLock(
+            Path(f"{self.path}.lock"), lock_timeout, before_opening=self._make_directory
+        )
+        self._writes = GroupCommit(_SqliteJournal(self), lock_timeout)
         # SQLite connections and locks do not survive a fork: a store serves one process.
         self._owner_pid = os.getpid()
         self._closed = False
@@ -315,49 +213,14 @@ class SqliteCallStore:
 
     @contextmanager
     def transaction(self) -> Iterator[_SqliteTransaction]:
-        """One change, committed when this returns (StoreUnavailable if it could not be).
-
-        Group commit: while other threads of this process wait for the write lock, the SQLite
-        transaction stays open and they add their changes to it, each in a savepoint of its own;
-        the last of them commits for all. No thread returns before the COMMIT that holds its
-        change, so a killed worker still loses only changes nobody was told about.
-        """
-        with self._waiting_lock:
-            self._waiting += 1
+        """One change, committed with those of other threads when this returns
+        (StoreUnavailable if it could not be)."""
         try:
-            self._write_lock.acquire()
-        finally:
-            with self._waiting_lock:
-                self._waiting -= 1
-        failure: BaseException | None = None
-        try:
-            batch = self._join_batch()
-            connection = batch.connection
-            first = batch.size == 0  # the first change has the whole transaction to itself
-            try:
-                if not first:
-                    connection.execute("SAVEPOINT change")
-                yield _SqliteTransaction(connection, self.layout, self._party_key)
-                if not first:
-                    connection.execute("RELEASE change")
-                batch.size += 1
-            except BaseException as exc:
-                failure = exc
-                self._undo_change(batch, first, exc)
-            if self._batch is batch and (batch.size >= MAX_BATCH or not self._waiting):
-                self._end_batch(batch, commit=True)
-        finally:
-            self._write_lock.release()
-        if failure is not None:
-            if isinstance(failure, sqlite3.Error):
-                self._note_write(failure)
-                raise StoreUnavailable(str(failure)) from failure
-            raise failure
-        batch.wait()
-        if batch.error is not None:
-            if isinstance(batch.error, StoreUnavailable):
-                raise batch.error
-            raise StoreUnavailable(str(batch.error)) from batch.error
+            with self._writes.change():
+                yield _SqliteTransaction(self._write_connection(), self.layout, self._party_key)
+        except sqlite3.Error as exc:
+            self._note_write(exc)
+            raise StoreUnavailable(str(exc)) from exc
 
     def snapshot(self) -> StoreSnapshot:
         self._check_usable()
@@ -392,19 +255,17 @@ class SqliteCallStore:
 
     def close(self) -> None:
         """Commits the changes already made; later calls raise StoreUnavailable."""
-        with self._write_lock:
+        with self._writes.exclusive(deadline=False):
             if self._closed:
                 return
             self._closed = True
             if self._owner_pid != os.getpid():
                 return  # the parent's connections: closing them here could delete its WAL
-            if self._batch is not None:
-                # Its threads wait for this COMMIT; the next in line will find the store closed.
-                self._end_batch(self._batch, commit=True)
+            # Its threads wait for this COMMIT; the next in line will find the store closed.
+            self._writes.end_batch(commit=True)
             self._checkpoints.stop()
-            if self._lock_fd >= 0:
-                os.close(self._lock_fd)
-            self._lock_fd, self._writer = -1, None
+            self._process_lock.close()
+            self._writer = None
             with self._connections_lock:
                 for connection in self._connections:
                     connection.close()
@@ -413,13 +274,13 @@ class SqliteCallStore:
     # -- opening the file ----------------------------------------------------------------------
 
     def _initialise(self) -> None:
-        with self._write_lock:
+        with self._writes.exclusive():
             self._lock_processes()
             try:
                 existed = self.path.exists()
                 self._open_file(reopening=False)
             finally:
-                self._unlock_processes()
+                self._process_lock.release()
         if existed:
             self._warn_if_readable_by_others()
 
@@ -440,11 +301,6 @@ class SqliteCallStore:
             after = _file_id(self.path)
             if after != before:
                 raise StoreUnavailable(f"{self.path} was replaced while it was being opened")
-            if meta["schema_version"] != SCHEMA_VERSION:
-                raise StoreUnavailable(
-                    f"{self.path} holds schema version {meta['schema_version']}, this "
-                    f"exporter reads version {SCHEMA_VERSION}"
-                )
         except sqlite3.Error as exc:
             connection.close()
             raise self._unusable(exc) from exc
@@ -464,6 +320,7 @@ class SqliteCallStore:
             self._forget(old)
 
     def _create_schema(self, connection: sqlite3.Connection, seed: bool) -> dict[str, str]:
+        self._check_schema_version(connection)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -477,7 +334,7 @@ class SqliteCallStore:
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
             )
             connection.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('party_key', ?)", (secrets.token_hex(16),)
+                "INSERT OR IGNORE INTO meta VALUES ('party_key', ?)", (new_party_key(),)
             )
             if new or seed:
                 tx = _SqliteTransaction(connection, self.layout, b"")
@@ -490,6 +347,28 @@ class SqliteCallStore:
             _rollback(connection)
             raise
         return meta
+
+    def _check_schema_version(self, connection: sqlite3.Connection) -> None:
+        """Refuse a store of another schema version before writing anything to it.
+
+        Read under the process lock, which every exporter writing the file holds.
+        """
+        has_meta = connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if not has_meta:
+            return
+        row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None or row[0] == SCHEMA_VERSION:
+            return
+        version = str(row[0])
+        refusal = f"{self.path} holds schema version {version}, this exporter reads version"
+        if version.isdigit() and int(version) > int(SCHEMA_VERSION):
+            raise StoreIncompatible(
+                f"{refusal} {SCHEMA_VERSION}: it was written by a newer exporter; run that one, "
+                "or move the file away to start with an empty store"
+            )
+        raise StoreIncompatible(f"{refusal} {SCHEMA_VERSION}")
 
     def _make_directory(self) -> None:
         """The store's directory and any missing parent, for the service user only."""
@@ -553,22 +432,21 @@ class SqliteCallStore:
 
     def _follow_path(self) -> None:
         if not self._is_current():
-            with self._write_lock:
+            with self._writes.exclusive():
                 self._check_usable()
                 if not self._is_current():
                     self._reopen()
 
     def _reopen(self) -> None:
-        """Open what is now at `path`, or a new store there; the caller holds `_write_lock`."""
-        if self._batch is not None:
-            self._end_batch(self._batch, commit=True)  # it went to the old file: refused
+        """Open what is now at `path`, or a new store there; the caller has the write turn."""
+        self._writes.end_batch(commit=True)  # it went to the old file: refused
         self._lock_processes(follow=True)
         try:
             self._discard_old_journals()
             created = not self.path.exists()
             self._open_file(reopening=True)
         finally:
-            self._unlock_processes()
+            self._process_lock.release()
         log.warning(
             "%s was deleted or replaced while in use: %s; changes written to the old file "
             "since were refused",
@@ -591,67 +469,6 @@ class SqliteCallStore:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _join_batch(self) -> _Batch:
-        """The open batch, or a new one in the file at `path`; the caller holds `_write_lock`."""
-        self._check_usable()
-        if self._batch is not None:
-            return self._batch
-        try:
-            if not self._is_current():
-                self._reopen()
-            return self._open_batch()
-        except StoreUnavailable as exc:
-            self._note_write(exc)
-            raise
-
-    def _open_batch(self) -> _Batch:
-        """BEGIN IMMEDIATE under the cross-process lock; the caller holds `_write_lock`."""
-        self._lock_processes()
-        try:
-            connection = self._write_connection()
-            self._guard(lambda: connection.execute("BEGIN IMMEDIATE"))
-        except BaseException:
-            self._unlock_processes()
-            raise
-        self._batch = _Batch(connection)
-        return self._batch
-
-    def _undo_change(self, batch: _Batch, first: bool, exc: BaseException) -> None:
-        if first:
-            self._end_batch(batch, commit=False)
-            return
-        _rollback(batch.connection, "ROLLBACK TO change")
-        _rollback(batch.connection, "RELEASE change")
-        if not batch.connection.in_transaction:
-            # SQLite gave up the whole transaction (disk full, I/O error): the changes before
-            # this one are lost too, and their threads must hear it.
-            self._end_batch(batch, commit=False, error=exc)
-
-    def _end_batch(self, batch: _Batch, commit: bool, error: BaseException | None = None) -> None:
-        self._batch = None
-        batch.error = error
-        try:
-            if commit:
-                batch.connection.execute("COMMIT")
-                self._checkpoints.committed()
-                if not self._is_current():
-                    # Committed to a file no longer at `path`: lost at the next start.
-                    batch.error = StoreUnavailable(
-                        f"{self.path} was deleted or replaced: the change was not kept"
-                    )
-            else:
-                _rollback(batch.connection)
-        except sqlite3.Error as exc:
-            batch.error = exc
-            _rollback(batch.connection)
-        finally:
-            if commit or batch.error is not None:
-                self._note_write(batch.error)
-            try:
-                self._unlock_processes()
-            finally:
-                batch.done.release()
-
     def _note_write(self, error: BaseException | None) -> None:
         """What readiness goes by: whether the latest write stored its change."""
         if error is None:
@@ -661,29 +478,8 @@ class SqliteCallStore:
             self._write_error = str(error)
 
     def _lock_processes(self, follow: bool = False) -> None:
-        """The cross-process write lock; the caller holds `_write_lock`.
-
-        With `follow`, a lock file deleted or replaced since it was opened is reopened, so
-        that processes recreating the store take the same lock.
-        """
-        for _ in range(10):
-            if self._lock_fd < 0:
-                try:
-                    self._make_directory()
-                    self._lock_fd = os.open(
-                        f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-                    )
-                except OSError as exc:
-                    raise StoreUnavailable(f"cannot open {self.path}.lock: {exc}") from exc
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            if not follow or _file_id(f"{self.path}.lock") == _fd_id(self._lock_fd):
-                return
-            os.close(self._lock_fd)  # also unlocks it
-            self._lock_fd = -1
-        raise StoreUnavailable(f"{self.path}.lock keeps being replaced")
-
-    def _unlock_processes(self) -> None:
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        """The cross-process write lock; the caller has the write turn."""
+        self._process_lock.acquire(follow)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -786,6 +582,61 @@ class SqliteCallStore:
             raise StoreUnavailable(str(exc)) from exc
 
 
+class _SqliteJournal:
+    """The store's write connection as the group-commit writer uses it."""
+
+    def __init__(self, store: SqliteCallStore) -> None:
+        self._store = store
+
+    def begin(self) -> None:
+        """BEGIN IMMEDIATE in the file at `path`, under the cross-process lock."""
+        store = self._store
+        store._check_usable()
+        try:
+            if not store._is_current():
+                store._reopen()
+            store._lock_processes()
+            try:
+                connection = store._write_connection()
+                store._guard(lambda: connection.execute("BEGIN IMMEDIATE"))
+            except BaseException:
+                store._process_lock.release()
+                raise
+        except StoreUnavailable as exc:
+            store._note_write(exc)
+            raise
+
+    def savepoint(self) -> None:
+        self._store._write_connection().execute("SAVEPOINT change")
+
+    def release(self) -> None:
+        self._store._write_connection().execute("RELEASE change")
+
+    def undo(self) -> bool:
+        connection = self._store._write_connection()
+        _rollback(connection, "ROLLBACK TO change")
+        _rollback(connection, "RELEASE change")
+        return connection.in_transaction
+
+    def commit(self) -> None:
+        store = self._store
+        store._write_connection().execute("COMMIT")
+        store._checkpoints.committed()
+        if not store._is_current():
+            # Committed to a file no longer at `path`: lost at the next start.
+            raise StoreUnavailable(f"{store.path} was deleted or replaced: the change was not kept")
+
+    def rollback(self) -> None:
+        if self._store._writer is not None:
+            _rollback(self._store._writer)
+
+    def finish(self) -> None:
+        self._store._process_lock.release()
+
+    def settled(self, error: BaseException | None) -> None:
+        self._store._note_write(error)
+
+
 _STILL_MATCHES = "(closed_at IS NULL OR closed_at >= ? OR outcome = 'expired')"
 _LEGS_OF_EXTENSION = (
     f"SELECT {LEG_COLUMNS} FROM legs"
@@ -810,24 +661,24 @@ class _SqliteTransaction:
         self.layout = layout
         self._party_key = key
 
-    def candidate_legs(self, event: CallEvent, closed_since: float) -> list[Leg]:
-        if event.call_id is not None:
+    def legs_matching(self, query: LegQuery) -> list[Leg]:
+        if query.call_id is not None:
             rows = self.connection.execute(
                 f"SELECT {LEG_COLUMNS} FROM legs WHERE account = ? AND call_id = ? AND abon = ?",
-                (event.account, event.call_id, event.abon),
+                (query.account, query.call_id, query.abon),
             )
+            return [_leg(row) for row in rows]
+        party = self._party(query.party)
+        extension = (query.account, query.service.value, query.direction.value, query.abon)
+        if party is None:
+            rows = self.connection.execute(_LEGS_OF_EXTENSION, (*extension, query.closed_since))
         else:
-            assert event.kind is not None
-            party = self._party(event.did)
-            extension = (event.account, event.service.value, event.kind.direction.value, event.abon)
-            if party is None:
-                rows = self.connection.execute(_LEGS_OF_EXTENSION, (*extension, closed_since))
-            else:
-                # Two seeks in legs_by_party, not a walk over every recent leg of the extension.
-                rows = self.connection.execute(
-                    _LEGS_OF_PARTY, (*extension, party, closed_since, *extension, closed_since)
-                )
-        return [_leg(row) for row in rows]
+            # Two seeks in legs_by_party, not a walk over every recent leg of the extension.
+            rows = self.connection.execute(
+                _LEGS_OF_PARTY,
+                (*extension, party, query.closed_since, *extension, query.closed_since),
+            )
+        return [_leg(row, party) for row in rows]
 
     def insert_leg(self, leg: Leg, did: str | None) -> None:
         labels = leg.labels
@@ -973,84 +824,9 @@ class _SqliteTransaction:
         )
 
     def _party(self, did: str | None) -> str | None:
-        # The other party's number only matters for matching legs without a call_id: keep a
-        # keyed digest of it, never the number itself.
-        if did is None:
-            return None
-        digest = hmac.new(self._party_key, did.encode(), hashlib.sha256)
-        return digest.hexdigest()[:16]
-
-
-def _file_id(path: str | Path) -> FileId | None:
-    """Which file `path` names now, or None if none (or it cannot be looked up)."""
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return status.st_dev, status.st_ino
-
-
-def _fd_id(fd: int) -> FileId:
-    status = os.fstat(fd)
-    return status.st_dev, status.st_ino
+        return party_digest(self._party_key, did)
 
 
 def _rollback(connection: sqlite3.Connection, statement: str = "ROLLBACK") -> None:
     with suppress(sqlite3.Error):  # a failed COMMIT may already have rolled back
         connection.execute(statement)
-
-
-# Enum(value) costs about a microsecond per call; a dict lookup a tenth of that.
-_SERVICES = {member.value: member for member in Service}
-_DIRECTIONS = {member.value: member for member in Direction}
-_OUTCOMES = {member.value: member for member in Outcome}
-
-
-def _leg(row: Any) -> Leg:
-    (
-        leg_id,
-        account,
-        service,
-        direction,
-        abon,
-        extension,
-        call_id,
-        opened_at,
-        started_at,
-        answered_at,
-        closed_at,
-        outcome,
-    ) = row
-    return Leg(
-        labels=LegLabels(account, _SERVICES[service], _DIRECTIONS[direction], extension),
-        abon=abon,
-        call_id=call_id,
-        opened_at=opened_at,
-        started_at=started_at,
-        answered_at=answered_at,
-        closed_at=closed_at,
-        outcome=_OUTCOMES[outcome] if outcome else None,
-        id=leg_id,
-    )
-
-
-def _timing_series(
-    buckets: dict[tuple[TallyKind, str], dict[float, int]],
-    totals: dict[tuple[TallyKind, str], float],
-) -> dict[TallyKind, list[TimingSeries]]:
-    series: dict[TallyKind, list[TimingSeries]] = {}
-    for (kind, labels), counts in buckets.items():
-        series.setdefault(kind, []).append(
-            TimingSeries(_labels(labels), counts, totals[(kind, labels)])
-        )
-    return series
-
-
-@functools.lru_cache(maxsize=16384)
-def _key(labels: tuple[str, ...]) -> str:
-    # The same few label sets come back with every event: encode each once.
-    return json.dumps(labels, separators=(",", ":"))
-
-
-def _labels(key: str) -> tuple[str, ...]:
-    return tuple(json.loads(key))

@@ -1,0 +1,36 @@
+"""The call store: open legs and call totals, shared by every worker and kept across restarts.
+
+`base` is the interface every backend implements; `sqlite` keeps the store in one SQLite file,
+`groupcommit` is its shared-commit writer, `digests` the keyed hashing of numbers and `rows`
+the row helpers every SQL backend shares.
+"""
+
+from exporter.store.base import (
+    CallStore,
+    LegQuery,
+    StoreIncompatible,
+    StoreSeed,
+    StoreSnapshot,
+    StoreTransaction,
+    StoreUnavailable,
+    TimingSeries,
+)
+from exporter.store.rows import LEG_COLUMNS, _key, _labels, _leg, _timing_series
+from exporter.store.sqlite import SqliteCallStore
+
+__all__ = [
+    "LEG_COLUMNS",
+    "CallStore",
+    "LegQuery",
+    "SqliteCallStore",
+    "StoreIncompatible",
+    "StoreSeed",
+    "StoreSnapshot",
+    "StoreTransaction",
+    "StoreUnavailable",
+    "TimingSeries",
+    "_key",
+    "_labels",
+    "_leg",
+    "_timing_series",
+]
