@@ -8,6 +8,7 @@ call-backs", gives the rules and why.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import count
@@ -19,11 +20,15 @@ from exporter.legs import (
     CallbackAttempted,
     CallerTally,
     CallOutcome,
+    CounterRow,
     InboundCallSettled,
     MissedCallerResolved,
     Outcome,
     RepeatMissed,
     Resolution,
+    TallyKind,
+    TallyLayout,
+    TimingRow,
 )
 from exporter.numbers import DEFAULT_MATCH_DIGITS, Lines, number_key
 
@@ -378,6 +383,35 @@ class Callers:
             max(now - waiting.first_missed_at, 0.0),
             period,
         )
+
+
+def caller_zero_rows(
+    layout: TallyLayout, lines: Mapping[int, Lines]
+) -> list[CounterRow | TimingRow]:
+    """The caller series of configured accounts and their lines, so they start at 0.
+
+    `lines` holds every configured account (one without `lines` maps to `Lines()`), each line
+    with its "" and `other` values too.
+    """
+    periods = (("open",), ("closed",)) if layout.caller_period else ((),)
+    rows: list[CounterRow | TimingRow] = []
+    for account, account_lines in lines.items():
+        key = str(account)
+        for resolution in (Resolution.CALLED_BACK, Resolution.CALLED_AGAIN):
+            rows.append(TimingRow(TallyKind.CALLBACK, (key, resolution.value), math.inf, 0))
+        rows.extend(CounterRow(TallyKind.CALLBACK_ATTEMPTS, (key, o.value)) for o in AttemptOutcome)
+        for line in account_lines.label_values():
+            rows.append(CounterRow(TallyKind.REPEAT_MISSED, (key, line)))
+            for period in periods:
+                for outcome in CallOutcome:
+                    labels = (key, line, outcome.value, *period)
+                    rows.append(CounterRow(TallyKind.INBOUND_CALLS, labels))
+                    rows.append(TimingRow(TallyKind.INBOUND_WAIT, labels, math.inf, 0))
+                rows.extend(
+                    CounterRow(TallyKind.CALLERS_RESOLVED, (key, line, resolution.value, *period))
+                    for resolution in Resolution
+                )
+    return rows
 
 
 @dataclass

@@ -7,6 +7,7 @@ import hmac
 from collections import Counter
 from datetime import UTC, datetime
 from itertools import count
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from exporter.callers import (
     CallerSettings,
     InboundLeg,
     MemoryCallerBook,
+    caller_zero_rows,
 )
 from exporter.hours import ALWAYS_OPEN, Calendar, parse_hours
 from exporter.legs import (
@@ -33,6 +35,7 @@ from exporter.legs import (
     TimingRow,
 )
 from exporter.numbers import Lines, number_key
+from exporter.store import SqliteCallStore
 
 ACCOUNT = 1
 CALLER = "0903123456"
@@ -438,3 +441,47 @@ def test_the_layout_leaves_the_period_out_unless_asked() -> None:
         CounterRow(TallyKind.CALLERS_RESOLVED, ("1", "Sales", "called_back")),
         TimingRow(TallyKind.CALLBACK, ("1", "called_back"), CALLBACK_BUCKETS[1], 400.0),
     ]
+
+
+@pytest.mark.parametrize("caller_period", [False, True])
+def test_configured_accounts_and_lines_start_at_zero(caller_period: bool) -> None:
+    layout = TallyLayout(RING_BUCKETS, (60.0,), caller_period=caller_period)
+    lines = {1: Lines.from_config({MAIN: "Main line"}), 2: Lines()}
+    rows = caller_zero_rows(layout, lines)
+    for row in rows:
+        assert len(row.labels) == len(layout.label_names(row.kind))
+    series = {(row.kind, row.labels) for row in rows}
+    periods = ("open", "closed") if caller_period else ("",)
+    for period in periods:
+        tail = (period,) if period else ()
+        assert (TallyKind.INBOUND_CALLS, ("1", "Main line", "missed", *tail)) in series
+        assert (TallyKind.INBOUND_WAIT, ("2", "other", "answered", *tail)) in series
+        assert (TallyKind.CALLERS_RESOLVED, ("1", "", "gave_up", *tail)) in series
+    assert (TallyKind.REPEAT_MISSED, ("2", "")) in series
+    assert (TallyKind.CALLBACK, ("1", "called_again")) in series
+    assert (TallyKind.CALLBACK_ATTEMPTS, ("2", "unanswered")) in series
+    # 2 accounts; lines "", other (+ Main line for account 1): 5 lines in all.
+    per_line = 1 + len(periods) * (2 * 3 + 3)
+    assert len(rows) == 2 * (2 + 2) + 5 * per_line
+
+
+def test_the_store_keeps_caller_tallies_with_the_leg_totals(tmp_path: Path) -> None:
+    exchange = Exchange()
+    missed_call(exchange)
+    exchange.after(600)
+    exchange.call_out(CALLER, answered=True)
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", exchange.layout)
+    try:
+        with store.transaction() as tx:
+            tx.record(exchange.tallies)
+        snapshot = store.snapshot()
+    finally:
+        store.close()
+    counters = snapshot.counters
+    assert counters[TallyKind.INBOUND_CALLS] == {("1", "Main line", "missed", "open"): 1}
+    assert counters[TallyKind.CALLERS_RESOLVED] == {("1", "Main line", "called_back", "open"): 1}
+    assert counters[TallyKind.CALLBACK_ATTEMPTS] == {("1", "answered"): 1}
+    [callback] = snapshot.timings[TallyKind.CALLBACK]
+    assert callback.labels == ("1", "called_back")
+    assert callback.buckets == {900.0: 1}
+    assert callback.total == 630.0
