@@ -55,21 +55,27 @@ class InboundLeg:
     call_id: str | None
     caller: str | None  # `did`, as the event wrote it; None when withheld
     company_number: str | None  # `did_mcn`
+    # False for a leg opened by its answer, miss or end (its start was lost): when it began
+    # ringing is unknown, so it gives the call no first ring.
+    rang: bool = True
 
 
 @dataclass
 class InboundCall:
     """One caller's call: the legs rung for it, until it settles.
 
-    `caller` is the digest of the caller's number, None when withheld. `quiet_since` is the
-    latest leg start or end: a call with no open leg settles `settle` seconds after it.
+    `caller` is the digest of the caller's number, None when withheld. `opened_at` is when its
+    first leg opened (it decides the call's `period`), `first_ring_at` when its first seen start
+    came (None without one: no wait is known). `quiet_since` is the latest leg start or end: a
+    call with no open leg settles `settle` seconds after it.
     """
 
     account: int
     line: str
     call_id: str | None
     caller: str | None
-    first_ring_at: float
+    opened_at: float
+    first_ring_at: float | None
     quiet_since: float
     open_legs: int = 0
     answered_at: float | None = None
@@ -182,8 +188,10 @@ class Callers:
             # The caller's earlier calls with nothing ringing are over: settle them first, so a
             # caller who hangs up and calls again waits, and this call can end their wait.
             tallies.extend(self._settle_calls_of(book, leg.account, caller))
-            call = InboundCall(leg.account, line, leg.call_id, caller, now, now)
+            call = InboundCall(leg.account, line, leg.call_id, caller, now, None, now)
         call.caller = call.caller or caller  # a call_id's first leg may lack the number
+        if leg.rang and call.first_ring_at is None:
+            call.first_ring_at = now
         call.quiet_since = max(call.quiet_since, now)
         call.open_legs += 1
         book.save_call(call)
@@ -309,8 +317,9 @@ class Callers:
             return []
         call.answered_at = answered_at
         book.save_call(call)
-        wait = max(answered_at - call.first_ring_at, 0.0)
-        tallies: list[CallerTally] = [self._counted(call, CallOutcome.ANSWERED, wait)]
+        tallies: list[CallerTally] = [
+            self._counted(call, CallOutcome.ANSWERED, _wait(call, answered_at))
+        ]
         waiting = None if call.caller is None else book.waiting_caller(call.account, call.caller)
         if waiting is not None:
             tallies.append(self._resolve(book, waiting, Resolution.CALLED_AGAIN, answered_at))
@@ -325,7 +334,7 @@ class Callers:
             return [self._counted(call, CallOutcome.EXPIRED, None)]
         ended_at = call.quiet_since  # its last leg's end: nothing started after it
         tallies: list[CallerTally] = [
-            self._counted(call, CallOutcome.MISSED, max(ended_at - call.first_ring_at, 0.0))
+            self._counted(call, CallOutcome.MISSED, _wait(call, ended_at))
         ]
         if call.caller is None:
             return tallies  # a withheld number cannot be called back
@@ -334,14 +343,14 @@ class Callers:
             tallies.append(RepeatMissed(call.account, call.line))
         else:
             book.save_waiting(
-                WaitingCaller(call.account, call.caller, call.line, ended_at, call.first_ring_at)
+                WaitingCaller(call.account, call.caller, call.line, ended_at, call.opened_at)
             )
         return tallies
 
     def _counted(
         self, call: InboundCall, outcome: CallOutcome, wait: float | None
     ) -> InboundCallSettled:
-        period = self._calendar(call.account).period(call.first_ring_at)
+        period = self._calendar(call.account).period(call.opened_at)
         return InboundCallSettled(call.account, call.line, outcome, wait, period)
 
     def _outbound(
@@ -383,6 +392,13 @@ class Callers:
             max(now - waiting.first_missed_at, 0.0),
             period,
         )
+
+
+def _wait(call: InboundCall, until: float) -> float | None:
+    """First ring to `until`; None when no leg of the call was seen to start ringing."""
+    if call.first_ring_at is None:
+        return None
+    return max(until - call.first_ring_at, 0.0)
 
 
 def caller_zero_rows(
@@ -493,7 +509,7 @@ class MemoryCallerBook:
         return earliest
 
     def _calls(self) -> list[InboundCall]:
-        ordered = sorted(self.calls.values(), key=lambda c: (c.first_ring_at, c.id or 0))
+        ordered = sorted(self.calls.values(), key=lambda c: (c.opened_at, c.id or 0))
         return [replace(call) for call in ordered]
 
     def _waiting(self) -> list[WaitingCaller]:

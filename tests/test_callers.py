@@ -69,8 +69,9 @@ class Exchange:
         line: str | None = MAIN,
         call_id: str | None = None,
         account: int = ACCOUNT,
+        rang: bool = True,
     ) -> int:
-        leg = InboundLeg(next(self._leg_ids), account, call_id, caller, line)
+        leg = InboundLeg(next(self._leg_ids), account, call_id, caller, line, rang)
         self.tallies += self.callers.on_leg_started(self.book, leg, self.now)
         return leg.id
 
@@ -250,6 +251,26 @@ def test_an_answer_only_seen_at_the_end_answers_the_call_at_that_time() -> None:
         exchange.book, leg, Outcome.ANSWERED, exchange.now, answered_at=exchange.now - 50
     )
     assert exchange.observed(TallyKind.INBOUND_WAIT)[0][1] == 10.0
+
+
+def test_a_call_whose_start_was_lost_is_counted_with_no_wait() -> None:
+    exchange = Exchange()
+    leg = exchange.ring(rang=False)  # opened by its miss, the start lost
+    exchange.end(leg, Outcome.MISSED)
+    exchange.after(30)
+    assert exchange.calls("missed") == 1
+    assert exchange.observed(TallyKind.INBOUND_WAIT) == []
+    assert exchange.waiting() == 1
+
+
+def test_a_seen_start_gives_the_first_ring_even_after_an_unmatched_leg() -> None:
+    exchange = Exchange()
+    exchange.ring(rang=False)
+    exchange.after(2)
+    leg = exchange.ring()
+    exchange.after(7)
+    exchange.answer(leg)
+    assert exchange.observed(TallyKind.INBOUND_WAIT)[0][1] == 7.0
 
 
 def test_legs_the_caller_level_never_saw_change_nothing() -> None:
