@@ -202,8 +202,12 @@ def test_configured_accounts_and_lines_have_zero_series(phones: Exporter) -> Non
     for line in ("Main line", "Sales", "", "other"):
         for outcome in ("answered", "missed", "expired"):
             for period in ("open", "closed"):
-                key = (("account", str(ACCOUNT)), ("line", line), ("outcome", outcome))
-                key += (("period", period),)
+                key = (
+                    ("account", str(ACCOUNT)),
+                    ("line", line),
+                    ("outcome", outcome),
+                    ("period", period),
+                )
                 assert samples["mcn_inbound_calls_total"][key] == 0
         assert (
             samples["mcn_missed_callers_waiting"][(("account", str(ACCOUNT)), ("line", line))] == 0
@@ -359,7 +363,7 @@ def test_no_phone_number_in_metrics_logs_or_store_file(
     assert "Main line" in body, "the line's name is the label"
 
 
-# -- opening hours: waits in open time --------------------------------------------------------------
+# -- opening hours: waits in open time ---------------------------------------------------------
 
 
 FRIDAY_EVENING = datetime(2026, 11, 27, 17, 30, tzinfo=UTC).timestamp()
