@@ -51,7 +51,7 @@ def run(config: Config, bind: str | None = None, workers: int | None = None) -> 
             "serving on %s with %d worker(s); call store %s",
             options["bind"],
             options["workers"],
-            config.store.path,
+            config.store.describe(),
         )
         _warn_on_example_secret(config)
         ExporterApplication(config, metrics_dir.path, options).run()
