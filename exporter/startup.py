@@ -132,12 +132,13 @@ class PostgresTimeouts:
         )
 
 
-def open_store(config: Config, layout: TallyLayout) -> CallStore:
+def open_store(config: Config, layout: TallyLayout, prepared: bool = False) -> CallStore:
     """The configured call store, for this process alone: SQLite's file, or a PostgreSQL
     connection pool, which never crosses a fork (each worker opens its own).
 
     A PostgreSQL store is opened at its first use that finds the database up, and prepared
-    then (`prepare_store`): a worker starts, and answers 503, while the database is down.
+    then (`prepare_store`) unless `prepared` says the master did it: a worker starts, and
+    answers 503, while the database is down.
     """
     if config.store.url is None:
         return SqliteCallStore(Path(config.store.path), layout)
@@ -155,9 +156,11 @@ def open_store(config: Config, layout: TallyLayout) -> CallStore:
             max_connections=config.server.threads,
         )
 
-    return DeferredStore(
-        connect, layout, prepare=lambda store: prepare_store(config, store), wait=timeouts.connect
-    )
+    def prepare(store: CallStore) -> None:
+        if not prepared:
+            prepare_store(config, store)
+
+    return DeferredStore(connect, layout, prepare, wait=timeouts.connect)
 
 
 def _postgresql_backend() -> type[PostgresCallStore]:
@@ -196,16 +199,15 @@ def prepare_store(config: Config, store: CallStore) -> None:
         store.reserve_extensions(account, extensions)
 
 
-def initialise_store(config: Config) -> None:
+def initialise_store(config: Config) -> bool:
     """The schema and the zero series, once, in the master, before workers fork.
 
-    A store that cannot be used is a StartupError naming it and what to do; a PostgreSQL store
-    that cannot be reached is logged, and the workers open it once it can be.
+    A store that cannot be used is a StartupError naming it and what to do. A PostgreSQL store
+    that cannot be reached is logged, and False returned: the workers prepare it once it can be.
     """
     layout = tally_layout(config)
     if config.store.url is not None:
-        _initialise_postgresql(config, layout)
-        return
+        return _initialise_postgresql(config, layout)
     path = Path(config.store.path)
     try:
         store = open_store(config, layout)
@@ -215,9 +217,10 @@ def initialise_store(config: Config) -> None:
             store.close()
     except (StoreUnavailable, sqlite3.DatabaseError, OSError) as exc:
         raise StartupError(_store_error(path, exc)) from exc
+    return True
 
 
-def _initialise_postgresql(config: Config, layout: TallyLayout) -> None:
+def _initialise_postgresql(config: Config, layout: TallyLayout) -> bool:
     """Opening the store creates or checks the schema, then prepares it.
 
     Not reaching the server (down, restarting, refusing this user or database) does not stop
@@ -227,6 +230,7 @@ def _initialise_postgresql(config: Config, layout: TallyLayout) -> None:
     store = open_store(config, layout)
     try:
         store.ping()
+        return True
     except StoreUnavailable as exc:
         reason = " ".join(str(exc).split())
         if not _server_not_reached(exc):
@@ -239,6 +243,7 @@ def _initialise_postgresql(config: Config, layout: TallyLayout) -> None:
             config.store.describe(),
             reason,
         )
+        return False
     finally:
         store.close()
 
@@ -274,13 +279,19 @@ def _is_damaged_file(exc: BaseException | None) -> bool:
 
 
 def build_deps(
-    config: Config, clock: Clock = time.time, multiprocess_dir: str | None = None
+    config: Config,
+    clock: Clock = time.time,
+    multiprocess_dir: str | None = None,
+    store_prepared: bool = False,
 ) -> Deps:
-    """One worker's parts: its own store connections, metrics and call tracker."""
+    """One worker's parts: its own store connections, metrics and call tracker.
+
+    `store_prepared`: initialise_store made the zero series, so the worker need not.
+    """
     from exporter.app import Deps
     from exporter.metrics import build_metrics
 
-    store = open_store(config, tally_layout(config))
+    store = open_store(config, tally_layout(config), prepared=store_prepared)
     rejections, scrape = build_metrics(store, config, multiprocess_dir)
     settings = TrackerSettings(
         max_duration=config.calls.max_duration,

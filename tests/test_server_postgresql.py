@@ -246,28 +246,54 @@ def test_a_replica_started_while_postgresql_is_down_comes_up_not_ready_and_recov
     assert waited < 60
 
 
-def test_a_postgresql_store_without_psycopg_stops_at_start_naming_the_extra(
-    tmp_path: Path,
-) -> None:
-    shadow = tmp_path / "shadow" / "psycopg"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'psycopg'\")\n")
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(base_config(tmp_path, store={"url": "postgresql://mcn@127.0.0.1:1/mcn"}))
-    )
-    environment = {**os.environ, "PYTHONPATH": str(shadow.parent)}
+def serve_until_exit(config: dict[str, Any], tmp_path: Path, **env: str) -> tuple[int, list[str]]:
+    """`serve` expected to stop at start: its exit status and the lines it wrote."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    environment = {**os.environ, **env}
     environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
-
     completed = subprocess.run(
-        [sys.executable, "-m", "exporter", "serve", "--config", str(config)],
+        [sys.executable, "-m", "exporter", "serve", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
         env=environment,
         check=False,
     )
-    assert completed.returncode == 2
-    lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1, completed.stderr
+    return completed.returncode, completed.stderr.strip().splitlines()
+
+
+def test_a_database_of_a_newer_schema_stops_the_start_untouched(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)")
+        connection.execute("INSERT INTO meta VALUES ('schema_version', '99')")
+
+    status, lines = serve_until_exit(base_config(tmp_path, store={"url": postgres_url}), tmp_path)
+
+    assert status == 2
+    assert len(lines) == 1, lines
+    assert "schema version 99" in lines[0]
+    with psycopg.connect(postgres_url) as connection:
+        tables = connection.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchone()
+    assert tables == (1,)
+
+
+def test_a_postgresql_store_without_psycopg_stops_at_start_naming_the_extra(
+    tmp_path: Path,
+) -> None:
+    shadow = tmp_path / "shadow" / "psycopg"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'psycopg'\")\n")
+    config = base_config(tmp_path, store={"url": "postgresql://mcn@127.0.0.1:1/mcn"})
+
+    status, lines = serve_until_exit(config, tmp_path, PYTHONPATH=str(shadow.parent))
+
+    assert status == 2
+    assert len(lines) == 1, lines
     assert "pip install 'mcn-exporter[postgresql]'" in lines[0]
