@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -122,9 +124,16 @@ def test_two_replicas_on_one_database_one_killed_midway_give_the_exact_totals(
     assert call_totals(second.samples()) == call_totals(first.samples())
 
 
+PROBE_EVENT = json.dumps(
+    {"event_type": "onOutageProbe", "secret": SECRET, "account_id": ACCOUNT}
+).encode()
+UNKNOWN_EVENTS = (("event_type", "unknown"), ("service", "vpbx"))
+
+
 @dataclass
-class ReadinessProbe:
-    """Asks /readyz and /metrics in turn until stopped: what each answered, and how fast."""
+class OutageProbe:
+    """Asks /readyz, /metrics and the webhook (an event of an unknown type, which only counts
+    as a delivery) in turn until stopped: what each answered, and how long it took."""
 
     server: ServerProcess
     answers: list[tuple[str, int, str | None, float]] = field(default_factory=list)
@@ -132,24 +141,26 @@ class ReadinessProbe:
 
     def run(self) -> None:
         while not self._stop.is_set():
-            for path in ("/readyz", "/metrics"):
+            for path in ("/readyz", "/metrics", "/webhook"):
                 began = time.monotonic()
                 status, retry_after = self.ask(path)
                 self.answers.append((path, status, retry_after, time.monotonic() - began))
             time.sleep(0.2)
 
     def ask(self, path: str) -> tuple[int, str | None]:
-        import urllib.error
-        import urllib.request
-
+        body = PROBE_EVENT if path == "/webhook" else None
+        request = urllib.request.Request(self.server.url + path, data=body)
         try:
-            with urllib.request.urlopen(self.server.url + path, timeout=60) as response:
+            with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, response.headers.get("Retry-After")
         except urllib.error.HTTPError as error:
             return error.code, error.headers.get("Retry-After")
 
+    def events_taken(self) -> int:
+        return sum(1 for path, status, *_ in self.answers if path == "/webhook" and status == 200)
+
     @contextmanager
-    def running(self) -> Iterator[ReadinessProbe]:
+    def running(self) -> Iterator[OutageProbe]:
         thread = threading.Thread(target=self.run, daemon=True)
         thread.start()
         try:
@@ -186,7 +197,7 @@ def test_postgresql_stopped_mid_traffic_gives_503s_then_recovers_losing_nothing(
         server, "--calls", "1500", "--concurrency", "16", "--pace", "0.05", "--rate", "150"
     )
     wait_for_events(server, 800)
-    probe = ReadinessProbe(server)
+    probe = OutageProbe(server)
     with probe.running():
         with stopped(postgres_cluster):
             time.sleep(OUTAGE)
@@ -198,13 +209,14 @@ def test_postgresql_stopped_mid_traffic_gives_503s_then_recovers_losing_nothing(
     assert truth["failed"] == 0
     assert truth["retries"] > 0  # webhooks answered 503 during the outage were resent
     refused = [a for a in during if a[1] == 503]
-    assert {path for path, *_ in refused} == {"/readyz", "/metrics"}
+    assert {path for path, *_ in refused} == {"/readyz", "/metrics", "/webhook"}
     assert all(retry_after == "5" for _, _, retry_after, _ in refused)
     assert all(status in (200, 503) for _, status, _, _ in probe.answers)
     assert max(seconds for *_, seconds in probe.answers) < SERVER_TIMEOUT
     assert server.get("/readyz")[0] == 200
     samples = server.samples()
     assert_only_store_unavailable_refusals(samples)
+    samples["mcn_webhook_events_total"][UNKNOWN_EVENTS] -= probe.events_taken()
     assert truth_differences({}, without_refusals(samples), truth) == []
 
 
