@@ -143,7 +143,7 @@ def open_store(config: Config, layout: TallyLayout, prepared: bool = False) -> C
     if config.store.url is None:
         return SqliteCallStore(Path(config.store.path), layout)
     backend = _postgresql_backend()
-    conninfo = _conninfo(config.store)
+    conninfo = postgresql_conninfo(config.store)
     timeouts = PostgresTimeouts.within(config.server.timeout)
 
     def connect() -> CallStore:
@@ -174,7 +174,7 @@ def _postgresql_backend() -> type[PostgresCallStore]:
     return PostgresCallStore
 
 
-def _conninfo(store: StoreConfig) -> str:
+def postgresql_conninfo(store: StoreConfig) -> str:
     """store.url with the password of store.password_file added, checked as libpq reads it."""
     from psycopg import ProgrammingError
     from psycopg.conninfo import make_conninfo
