@@ -12,8 +12,8 @@ from exporter.deferred_store import DeferredStore
 from exporter.startup import (
     PostgresTimeouts,
     StartupError,
-    postgresql_conninfo,
     open_store,
+    postgresql_conninfo,
     tally_layout,
 )
 from exporter.store import SqliteCallStore
