@@ -73,10 +73,6 @@ class StoreConfig:
     url: str | None = field(default=None, repr=False)  # may hold a password
     password: str | None = field(default=None, repr=False)  # from store.password_file
 
-    @property
-    def is_postgresql(self) -> bool:
-        return self.url is not None
-
     def describe(self) -> str:
         """The store for logs and messages: the SQLite path, or the URL without its password."""
         return self.path if self.url is None else mask_password(self.url)
