@@ -66,9 +66,12 @@ def finish(simulate: subprocess.Popen[bytes]) -> dict[str, Any]:
 
 
 def kill_replica(server: ServerProcess) -> None:
-    """SIGKILL to the master and every worker at once, as when its host dies."""
+    """SIGKILL to every worker and the master at once, as when its host dies.
+
+    The workers first: until the master is gone they stay its children, so none has been
+    reaped and its pid reused when it is signalled."""
     assert server.process is not None
-    for pid in [server.process.pid, *server.worker_pids()]:
+    for pid in [*server.worker_pids(), server.process.pid]:
         os.kill(pid, signal.SIGKILL)
     server.process.wait(timeout=30)
 
