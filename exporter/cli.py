@@ -65,7 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         help="send realistic traffic; print the ground truth, or --verify /metrics against it",
     )
     simulate.add_argument(
-        "--url", required=True, help="the webhook URL, e.g. http://host:9880/webhook"
+        "--url",
+        required=True,
+        action="append",
+        help="the webhook URL, e.g. http://host:9880/webhook; once per replica of a shared "
+        "store: each event goes to one at random, a retry to the next",
     )
     simulate.add_argument(
         "--config", help="config with the accounts, secrets and extensions to use"
@@ -81,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument(
         "--pace", type=float, default=0.2, help="longest ring or talk pause in seconds (0.2)"
+    )
+    simulate.add_argument(
+        "--copies",
+        type=_ratio,
+        default=0.0,
+        help="share of events also sent, at the same moment, to a second --url (0)",
     )
     simulate.add_argument(
         "--verify",
@@ -120,7 +130,7 @@ def _check_config(args: argparse.Namespace) -> int:
     extensions = sum(len(numbers) for numbers in config.extensions.values())
     print(
         f"{path}: OK ({len(config.accounts)} account(s), {extensions} extension(s), "
-        f"store {config.store.path})"
+        f"store {config.store.describe()})"
     )
     for account in config.accounts.values():
         if account.hours is not None:
@@ -173,7 +183,9 @@ def _simulate(args: argparse.Namespace) -> int:
     from exporter.simulate import Options, SimulationError, simulate
 
     options = Options(
-        url=args.url,
+        url=args.url[0],
+        other_urls=tuple(args.url[1:]),
+        copies=args.copies,
         calls=args.calls,
         rate=args.rate,
         seed=args.seed,

@@ -5,6 +5,10 @@ other threads send other calls. Alongside, the simulator writes down what the ex
 once everything is delivered: that is the ground truth printed at the end. Deliveries that fail
 on the network or with a 5xx are retried, as the provider does.
 
+Given several URLs (replicas of one exporter sharing a store), each event goes to one of them at
+random, a retry to the next, and a share of the events (`copies`) to two of them at the same
+moment, as a provider retrying through a load balancer may do; the truth counts each copy.
+
 The traffic is drawn from the seed; the call ids and caller numbers also carry a run id drawn
 afresh for each run, so that a second run with the same seed places new calls instead of
 repeating the first run's (which the exporter would rightly take as retried deliveries).
@@ -71,6 +75,10 @@ class GroundTruth:
 @dataclass
 class PlannedCall:
     steps: list[tuple[float, dict[str, Any]]]  # (pause before sending, body)
+    copied: set[int] = field(default_factory=set)  # steps also sent to a second URL at once
+
+    def after_first(self) -> PlannedCall:
+        return PlannedCall(self.steps[1:], {index - 1 for index in self.copied if index})
 
 
 @dataclass
@@ -85,6 +93,12 @@ class Options:
     run_id: str = field(default_factory=new_run_id)
     verify: bool = False  # compare how /metrics moved during the run with the ground truth
     metrics_url: str | None = None  # default: /metrics on the webhook URL's host
+    other_urls: tuple[str, ...] = ()  # more replicas: each event goes to one URL at random
+    copies: float = 0.0  # share of events sent to two URLs at once (the same one if alone)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return (self.url, *self.other_urls)
 
 
 class TrafficPlan:
@@ -94,6 +108,7 @@ class TrafficPlan:
         self._random = random.Random(options.seed)
         self._options = options
         self._config = config
+        self.copies = options.copies
         self._by_extension = config.metrics.histogram_extension_label
         self._serial = 0
         self.truth = GroundTruth()
@@ -360,6 +375,25 @@ class _CallScript:
         self.pending_pause = 0.0
         self.planned.steps.append((delay, body))
         self.plan.delivered(body)
+        # Drawn only when asked for, so that a seed without copies gives the traffic it gave.
+        if self.plan.copies and self.rng.random() < self.plan.copies:
+            self.planned.copied.add(len(self.planned.steps) - 1)
+            self.plan.delivered(body)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One webhook URL: a replica of the exporter."""
+
+    url: str
+    parts: SplitResult
+
+    @property
+    def path(self) -> str:
+        return self.parts.path or "/"
+
+
+Connections = dict[int, http.client.HTTPConnection]  # a sender's keep-alive ones, by target
 
 
 class Sender:
@@ -367,14 +401,15 @@ class Sender:
 
     The first event goes alone: a wrong address, path or secret stops the run there with its
     cause, instead of every event being retried. Later, network errors and 5xx are retried (the
-    exporter may be restarting), while a redirect or a 4xx stops the run: resending would not help.
+    exporter may be restarting), on the next URL when there are several, while a redirect or a
+    4xx stops the run: resending would not help.
     """
 
     def __init__(self, options: Options) -> None:
-        self._parts = http_url(options.url)
+        self._targets = [Target(url, http_url(url)) for url in options.urls]
         self._options = options
-        self._path = self._parts.path or "/"
         self._lock = threading.Lock()
+        self._random = random.Random(options.seed)
         self._interval = 1.0 / options.rate if options.rate > 0 else 0.0
         self._next_slot = time.monotonic()
         self._stop = threading.Event()
@@ -407,70 +442,100 @@ class Sender:
             raise SimulationError(f"stopped after {self.sent} event(s): {self.stopped_by}")
 
     def _probe(self, call: PlannedCall) -> PlannedCall:
-        """Send the call's first event now, alone; what is left of the call is returned."""
+        """Send the call's first event now, alone, to the first URL; what is left is returned."""
         _, body = call.steps[0]
-        connection = self._deliver(None, json.dumps(body).encode(), probing=True)
-        if connection is not None:
-            connection.close()
+        connections: Connections = {}
+        self._deliver(connections, json.dumps(body).encode(), 0, probing=True)
+        if self.stopped_by is None and 0 in call.copied:
+            self._deliver(connections, json.dumps(body).encode(), self._other_than(0))
+        _close(connections)
         if self.stopped_by is not None:
             raise SimulationError(self.stopped_by)
-        return PlannedCall(call.steps[1:])
+        return call.after_first()
 
     def _worker(self, work: queue.Queue[PlannedCall]) -> None:
-        connection: http.client.HTTPConnection | None = None
+        connections: Connections = {}
         while not self._stop.is_set():
             try:
                 call = work.get_nowait()
             except queue.Empty:
                 break
-            for delay, body in call.steps:
+            for index, (delay, body) in enumerate(call.steps):
                 if delay:
                     time.sleep(delay)
                 if self._stop.is_set():
                     break
-                connection = self._deliver(connection, json.dumps(body).encode())
+                self._send(connections, json.dumps(body).encode(), copy=index in call.copied)
             with self._lock:
                 self.calls_done += 1
-        if connection is not None:
-            connection.close()
+        _close(connections)
+
+    def _send(self, connections: Connections, payload: bytes, copy: bool) -> None:
+        """One event to a URL drawn at random; a copy, at the same moment, to another one."""
+        target = self._pick()
+        if not copy:
+            self._deliver(connections, payload, target)
+            return
+        copy_connections: Connections = {}
+        copy_thread = threading.Thread(
+            target=self._deliver, args=(copy_connections, payload, self._other_than(target))
+        )
+        copy_thread.start()
+        self._deliver(connections, payload, target)
+        copy_thread.join()
+        _close(copy_connections)
 
     def _deliver(
-        self, connection: http.client.HTTPConnection | None, payload: bytes, probing: bool = False
-    ) -> http.client.HTTPConnection | None:
+        self, connections: Connections, payload: bytes, target: int, probing: bool = False
+    ) -> None:
         for attempt in range(MAX_ATTEMPTS):
             self._wait_for_slot()
             if self._stop.is_set():
-                return connection
-            if connection is None:
-                connection = self._connect()
+                return
+            connection = connections.get(target) or self._connect(target)
+            connections[target] = connection
             try:
                 connection.request(
-                    "POST", self._path, body=payload, headers={"Content-Type": "application/json"}
+                    "POST",
+                    self._targets[target].path,
+                    body=payload,
+                    headers={"Content-Type": "application/json"},
                 )
                 response = connection.getresponse()
                 answer = response.read()
             except (OSError, http.client.HTTPException) as exc:
                 connection.close()
-                connection = None
+                del connections[target]
                 if probing:
-                    self._abort(f"{self._options.url}: {network_problem(exc, self._parts)}")
-                    return None
+                    where = self._targets[target]
+                    self._abort(f"{where.url}: {network_problem(exc, where.parts)}")
+                    return
             else:
                 if 200 <= response.status < 300:
                     with self._lock:
                         self.sent += 1
-                    return connection
+                    return
                 if response.status < 500 and response.status not in (408, 429):
-                    self._abort(self._refusal(response, answer, payload))
+                    self._abort(self._refusal(target, response, answer, payload))
                     with self._lock:
                         self.failed.append(f"HTTP {response.status}")
-                    return connection
+                    return
             with self._lock:
                 self.retries += 1
+            # A replica that failed may be down: the retry goes to the next one.
+            target = (target + 1) % len(self._targets)
             time.sleep(min(0.05 * 2**attempt, 2.0))
         with self._lock:
             self.failed.append("gave up after retries")
-        return connection
+
+    def _pick(self) -> int:
+        if len(self._targets) == 1:
+            return 0
+        with self._lock:
+            return self._random.randrange(len(self._targets))
+
+    def _other_than(self, target: int) -> int:
+        return (target + 1) % len(self._targets)
 
     def _abort(self, cause: str) -> None:
         with self._lock:
@@ -478,9 +543,11 @@ class Sender:
                 self.stopped_by = cause
         self._stop.set()
 
-    def _refusal(self, response: http.client.HTTPResponse, answer: bytes, payload: bytes) -> str:
+    def _refusal(
+        self, target: int, response: http.client.HTTPResponse, answer: bytes, payload: bytes
+    ) -> str:
         """One line: what the answer means for how simulate was pointed at the exporter."""
-        url = self._options.url
+        url, path = self._targets[target].url, self._targets[target].path
         account = json.loads(payload).get("account_id")
         status = f"{response.status} {response.reason}"
         if response.status == 401:
@@ -495,7 +562,7 @@ class Sender:
             )
         if response.status in (404, 405):
             return (
-                f"{url}: {status}: no webhook at {self._path}: use the path of the exporter's "
+                f"{url}: {status}: no webhook at {path}: use the path of the exporter's "
                 "server.webhook_path (/webhook by default)"
             )
         if 300 <= response.status < 400:
@@ -503,8 +570,8 @@ class Sender:
         text = answer.decode("utf-8", "replace").strip()[:200]
         return f"{url}: {status}: {text}"
 
-    def _connect(self) -> http.client.HTTPConnection:
-        return connect(self._parts)
+    def _connect(self, target: int) -> http.client.HTTPConnection:
+        return connect(self._targets[target].parts)
 
     def _wait_for_slot(self) -> None:
         if not self._interval:
@@ -515,6 +582,12 @@ class Sender:
         delay = slot - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+
+
+def _close(connections: Connections) -> None:
+    for connection in connections.values():
+        connection.close()
+    connections.clear()
 
 
 def http_url(url: str) -> SplitResult:
@@ -687,6 +760,7 @@ def simulate(config: Config, options: Options) -> dict[str, Any]:
         "run_id": options.run_id,
         "calls": len(calls),
         "events": total_events,
+        "copies": sum(len(call.copied) for call in calls),
         "delivered": sender.sent,
         "retries": sender.retries,
         "failed": len(sender.failed),

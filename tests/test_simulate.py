@@ -195,6 +195,83 @@ def test_a_closed_port_fails_at_once_with_the_cause(sim_config: Config) -> None:
     assert (sender.sent, sender.retries) == (0, 0)
 
 
+class CountingHandler(http.server.BaseHTTPRequestHandler):
+    """Takes every event, counting the bodies it received, per server."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as the exporter: no reconnection to fail
+    received: dict[int, list[bytes]]
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            port = int(self.server.server_address[1])  # type: ignore[index]
+            self.received.setdefault(port, []).append(body)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def counting_servers() -> Iterator[tuple[list[str], dict[int, list[bytes]]]]:
+    received: dict[int, list[bytes]] = {}
+    handler = type("Handler", (CountingHandler,), {"received": received})
+    server_class = type("Server", (http.server.ThreadingHTTPServer,), {"request_queue_size": 128})
+    servers = [server_class(("127.0.0.1", 0), handler) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield [f"http://127.0.0.1:{s.server_address[1]}/webhook" for s in servers], received
+    for server in servers:
+        server.shutdown()
+
+
+def test_events_go_to_every_url_and_copies_to_two_at_once(
+    sim_config: Config, counting_servers: tuple[list[str], dict[int, list[bytes]]]
+) -> None:
+    (first, second), received = counting_servers
+    options = Options(url=first, other_urls=(second,), calls=60, pace=0, copies=0.2)
+    traffic = TrafficPlan(sim_config, options)
+    calls = traffic.build()
+    sender = Sender(options)
+    sender.run(calls)
+
+    copies = sum(len(call.copied) for call in calls)
+    events = sum(len(call.steps) for call in calls)
+    assert copies > 0
+    assert sender.sent == events + copies
+    assert sorted(len(bodies) for bodies in received.values())[0] > events / 4
+    copied = {json.dumps(call.steps[i][1]).encode() for call in calls for i in call.copied}
+    first_bodies, second_bodies = (set(bodies) for bodies in received.values())
+    assert copied <= first_bodies & second_bodies  # each copy reached both
+    assert sum(traffic.truth.samples["mcn_webhook_events_total"].values()) == events + copies
+
+
+def test_an_event_refused_by_one_url_is_sent_to_the_other(
+    sim_config: Config, counting_servers: tuple[list[str], dict[int, list[bytes]]]
+) -> None:
+    (up, _), received = counting_servers
+    down = f"http://127.0.0.1:{free_port()}/webhook"
+    options = Options(url=up, other_urls=(down,), calls=40, pace=0, copies=0.2)
+    calls = TrafficPlan(sim_config, options).build()
+    sender = Sender(options)
+    sender.run(calls)
+
+    delivered = sum(len(call.steps) + len(call.copied) for call in calls)
+    assert sender.failed == []
+    assert sender.retries > 0
+    assert len(received[int(up.split(":")[2].split("/")[0])]) == sender.sent == delivered
+
+
+def test_without_copies_the_traffic_of_a_seed_is_unchanged(sim_config: Config) -> None:
+    alone = plan(sim_config, calls=50, seed=3, run_id="0000000001")
+    spread = plan(sim_config, calls=50, seed=3, run_id="0000000001", other_urls=("http://x",))
+    assert [c.steps for c in alone.calls] == [c.steps for c in spread.calls]
+    assert all(not call.copied for call in alone.calls)
+
+
 def test_a_url_that_is_not_http_is_refused(sim_config: Config) -> None:
     with pytest.raises(SimulationError, match="not an http"):
         Sender(Options(url="ftp://127.0.0.1/webhook"))
