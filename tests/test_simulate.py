@@ -776,3 +776,38 @@ def test_every_caller_level_metric_that_differs_is_told(office: Config, name: st
     assert differences == [
         f"{name}{{{series}}}: expected {value:+g}, /metrics moved by {value + 1:+g}"
     ]
+
+
+@pytest.fixture
+def accepting_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AcceptingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/webhook"
+    server.shutdown()
+
+
+def test_the_command_takes_lines_and_the_settle_and_prints_the_caller_level(
+    tmp_path: Path, accepting_server: str
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(base_config(tmp_path, extensions=FIVE_PHONES)))
+    args = ("--calls", "150", "--pace", "0", "--settle", "0.5", "--missed-ratio", "0.5")
+    lines = ("--line", "Main line=0222202999", "--line", "Sales=+421 850 123 456")
+
+    result = simulate(accepting_server, config, *args, *lines, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    callers = json.loads(result.stdout)["callers"]
+    assert callers["settle"] == 0.5
+    shown = {
+        sample["labels"]["line"]
+        for sample in callers["samples"]["mcn_inbound_calls_total"]
+        if sample["value"]
+    }
+    assert shown == {"", "other", "Main line", "Sales"}
+    assert {s["labels"]["period"] for s in callers["samples"]["mcn_inbound_calls_total"]} == {
+        "open"
+    }
+    bad = simulate(accepting_server, config, "--line", "0222202999", timeout=60)
+    assert bad.returncode == 2
+    assert "must be NAME=NUMBER" in bad.stderr
