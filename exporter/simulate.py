@@ -112,15 +112,12 @@ class Options:
     clock: Callable[[], float] = time.time  # the wall clock deciding each call's `period`
 
 
-CALLER_COUNTERS = (
+CALLER_SAMPLES = (
     "mcn_inbound_calls_total",
     "mcn_inbound_call_wait_seconds_count",
+    "mcn_inbound_calls_ringing",
+    "mcn_missed_callers_waiting",
     "mcn_missed_callers_resolved_total",
-)
-CALLER_GAUGES = ("mcn_inbound_calls_ringing", "mcn_missed_callers_waiting")
-CALLER_SAMPLES = (
-    *CALLER_COUNTERS,
-    *CALLER_GAUGES,
     "mcn_callback_seconds_count",
     "mcn_repeat_missed_calls_total",
     "mcn_callback_attempts_total",
@@ -165,10 +162,10 @@ class TrafficPlan:
         self._by_extension = config.metrics.histogram_extension_label
         self._serial = 0
         self._callers = 0
-        # Caller numbers are unique within a run and, from the run id, across runs.
+        # Caller numbers are unique within a run; from the run id, almost surely across runs.
         self._number_base = int(options.run_id) % (NUMBER_SPACE - FIRST_NUMBER)
         self.truth = GroundTruth()
-        self.caller_truth = GroundTruth()
+        self._caller_truth = GroundTruth()
         self._by_period: list[_PeriodSample] = []
         # Talk time is exact only where the end carries billsec; a label set with any call
         # timed by the clock has no exact _sum to expect.
@@ -210,7 +207,7 @@ class TrafficPlan:
 
     def caller_samples(self) -> GroundTruth:
         """The caller-level truth, once every call has been sent (each has its start time)."""
-        truth = GroundTruth({k: Counter(v) for k, v in self.caller_truth.samples.items()})
+        truth = GroundTruth({k: Counter(v) for k, v in self._caller_truth.samples.items()})
         for entry in self._by_period:
             if entry.call.started_at is None:
                 raise ValueError("caller-level truth asked for a call that was not sent")
@@ -474,7 +471,7 @@ class TrafficPlan:
         call.start("onOutCallingStart", ext)
         self._started(account, "vpbx", "outbound", ext)
         outcome = "answered" if answered else "unanswered"
-        self.caller_truth.add(
+        self._caller_truth.add(
             "mcn_callback_attempts_total", {"account": str(account), "outcome": outcome}
         )
         if not answered:
@@ -543,14 +540,14 @@ class TrafficPlan:
             return
         labels = {"account": str(caller.account), "line": caller.line}
         if caller.waiting:
-            self.caller_truth.add("mcn_repeat_missed_calls_total", labels)
+            self._caller_truth.add("mcn_repeat_missed_calls_total", labels)
         else:
             caller.waiting = True
-            self.caller_truth.add("mcn_missed_callers_waiting", labels)
+            self._caller_truth.add("mcn_missed_callers_waiting", labels)
 
     def _caller_call(self, call: _CallScript, outcome: str) -> None:
         labels = {"account": str(call.account), "line": call.caller.line}
-        self.caller_truth.add("mcn_inbound_calls_ringing", labels, 0)
+        self._caller_truth.add("mcn_inbound_calls_ringing", labels, 0)
         for sample in ("mcn_inbound_calls_total", "mcn_inbound_call_wait_seconds_count"):
             self._by_period.append(
                 _PeriodSample(sample, call.account, {**labels, "outcome": outcome}, call.planned)
@@ -562,7 +559,7 @@ class TrafficPlan:
         caller.waiting = False
         account = str(caller.account)
         labels = {"account": account, "line": caller.line}
-        self.caller_truth.add("mcn_missed_callers_waiting", labels, -1)
+        self._caller_truth.add("mcn_missed_callers_waiting", labels, -1)
         self._by_period.append(
             _PeriodSample(
                 "mcn_missed_callers_resolved_total",
@@ -571,7 +568,7 @@ class TrafficPlan:
                 missed.planned,
             )
         )
-        self.caller_truth.add(
+        self._caller_truth.add(
             "mcn_callback_seconds_count", {"account": account, "resolution": resolution}
         )
 
@@ -692,7 +689,7 @@ class TrafficPlan:
         ):
             self.truth.samples.setdefault(sample, Counter())
         for sample in CALLER_SAMPLES:
-            self.caller_truth.samples.setdefault(sample, Counter())
+            self._caller_truth.samples.setdefault(sample, Counter())
 
     def delivered(self, body: dict[str, Any]) -> None:
         kind = EVENT_KINDS.get(body["event_type"])
