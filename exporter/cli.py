@@ -100,6 +100,21 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--metrics-url", help="the /metrics to verify (default: /metrics on the --url host)"
     )
+    simulate.add_argument(
+        "--settle",
+        type=_seconds,
+        default=30.0,
+        help="the exporter's callers.settle in seconds (30): call-backs wait that long after "
+        "the missed call",
+    )
+    simulate.add_argument(
+        "--line",
+        type=_line,
+        action="append",
+        default=[],
+        metavar="NAME=NUMBER",
+        help="a company line of every account (default: the config's accounts[].lines)",
+    )
     simulate.set_defaults(run=_simulate)
     return parser
 
@@ -194,6 +209,8 @@ def _simulate(args: argparse.Namespace) -> int:
         pace=args.pace,
         verify=args.verify,
         metrics_url=args.metrics_url,
+        settle=args.settle,
+        lines={account: dict(args.line) for account in config.accounts} if args.line else {},
     )
     try:
         result = simulate(config, options)
@@ -246,6 +263,21 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a number of seconds, 0 or more")
+    return value
+
+
+def _line(text: str) -> tuple[str, str]:
+    """NAME=NUMBER as (number, name), the way accounts[].lines maps them."""
+    name, sep, number = text.rpartition("=")
+    if not sep or not name or not any(c.isdigit() for c in number):
+        raise argparse.ArgumentTypeError("must be NAME=NUMBER, e.g. 'Main line=0222202999'")
+    return number, name
 
 
 def _ratio(text: str) -> float:
