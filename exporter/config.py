@@ -62,8 +62,8 @@ class AccountConfig:
     name: str = ""
     # Its own `hours`, else the top-level one; None when neither is given.
     hours: opening_hours.Calendar | None = None
-    # The company's own numbers (`did_mcn`) and their names: the `line` label.
-    lines: Lines = field(default_factory=Lines)
+    # The company's own numbers (`did_mcn`) as written, to their names: the `line` label.
+    lines: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def calendar(self) -> opening_hours.Calendar:
@@ -152,8 +152,12 @@ class Config:
         return self.accounts[account_id].calendar
 
     def lines(self) -> dict[int, Lines]:
-        """Every configured account's lines (empty when it names none)."""
-        return {account.id: account.lines for account in self.accounts.values()}
+        """Every configured account's lines (empty when it names none), matched as configured."""
+        digits = self.callbacks.match_digits
+        return {
+            account.id: Lines.from_config(account.lines, digits)
+            for account in self.accounts.values()
+        }
 
 
 class ConfigError(Exception):
@@ -357,10 +361,10 @@ class _Reader:
             )
         return accounts
 
-    def lines(self, doc: object, path: str, match_digits: int) -> Lines:
+    def lines(self, doc: object, path: str, match_digits: int) -> Mapping[str, str]:
         """`lines`: the company's numbers to their names, which become `line` label values."""
         if doc is None:
-            return Lines(match_digits=match_digits)
+            return MappingProxyType({})
         section = self.mapping(doc, path) or {}
         names: dict[str, str] = {}
         seen: dict[str, str] = {}  # the digits a number matches by -> the number as written
@@ -382,7 +386,7 @@ class _Reader:
             if name is not None:
                 seen[key] = number
                 names[number] = name
-        return Lines.from_config(names, match_digits)
+        return MappingProxyType(names)
 
     def line_name(self, raw: object, path: str) -> str | None:
         name = self.expand(raw, path)

@@ -211,6 +211,7 @@ class StoreCollector(Collector):
         self._layout = store.layout
         self._config = config
         self._clock = clock
+        self._lines = {} if config is None else config.lines()
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._store.snapshot()
@@ -228,7 +229,7 @@ class StoreCollector(Collector):
         yield _last_events(snapshot)
 
     def _caller_gauges(self, snapshot: StoreSnapshot) -> Iterator[GaugeMetricFamily]:
-        lines = {} if self._config is None else self._config.lines()
+        lines = self._lines
         gauges = caller_gauges(
             snapshot.ringing_calls,
             snapshot.waiting_callers,

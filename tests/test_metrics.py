@@ -82,8 +82,9 @@ def test_the_caller_families_are_declared_once_with_their_types(exporter: Export
 def test_caller_histograms_have_the_ring_and_callback_buckets(exporter: Exporter) -> None:
     account = str(ACCOUNT)
     wait = {"account": account, "line": "", "outcome": "missed", "period": "open"}
-    for bound in DEFAULT_RING_BUCKETS:
-        assert value(exporter, "mcn_inbound_call_wait_seconds_bucket", **wait, le=str(bound)) == 0
+    for ring_bound in DEFAULT_RING_BUCKETS:
+        le = str(ring_bound)
+        assert value(exporter, "mcn_inbound_call_wait_seconds_bucket", **wait, le=le) == 0
     callback = {"account": account, "resolution": "called_back"}
     for bound in ("300.0", "900.0", "1800.0", "3600.0", "7200.0", "14400.0", "28800.0"):
         assert value(exporter, "mcn_callback_seconds_bucket", **callback, le=bound) == 0
