@@ -29,8 +29,9 @@ import hmac
 import math
 import os
 import secrets
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -57,6 +58,7 @@ SCHEMA_LOCK = 0x6D636E03
 # Totals are kept in this many rows each, summed when read: every event adds to the same few
 # totals, and a single row would make concurrent transactions wait for each other's COMMIT.
 SHARDS = 16
+MAX_BATCH = 32  # changes committed together at most
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
@@ -122,6 +124,10 @@ _LEGS_OF_PARTY = (
 class PostgresCallStore:
     """A CallStore in a PostgreSQL database, through a small pool of connections.
 
+    Changes go through one writer per process (`GroupCommit`): the changes of threads arriving
+    together share one transaction and one COMMIT, as the SQLite store's do. Snapshots and
+    pings read over the other pooled connections.
+
     `connect_timeout` bounds the wait for a connection (the server down or restarting gives
     StoreUnavailable after it), `statement_timeout` each statement, lock waits included: keep
     both well below the HTTP server's timeout. The pool reconnects on its own.
@@ -141,6 +147,8 @@ class PostgresCallStore:
         self._statement_timeout_ms = max(1, round(statement_timeout * 1000))
         self._owner_pid = os.getpid()
         self._closed = False
+        # Extensions whose admission has committed: never taken back, so never asked again.
+        self._admitted: set[tuple[int, str]] = set()
         # Over a connection of its own, so that a wrong URL, password or database name is
         # reported as libpq words it, not as a pool waiting in vain.
         self._party_key = self._initialise(url)
@@ -157,18 +165,23 @@ class PostgresCallStore:
             name="mcn-exporter",
             open=True,
         )
+        self._writer = GroupCommit(
+            begin=lambda: self._connection_in_transaction("BEGIN"),
+            release=self._release,
+            before_commit=lambda batch: batch.totals.write(batch.connection),
+            after_commit=lambda batch: self._admitted.update(batch.admitted),
+            # A turn waits for the changes queued before it: a few statements each at most.
+            queue_timeout=connect_timeout + 2 * statement_timeout,
+        )
 
     # -- CallStore -----------------------------------------------------------------------------
 
     @contextmanager
     def transaction(self) -> Iterator[_PostgresTransaction]:
-        """One change in one PostgreSQL transaction, committed when this returns."""
-        with self._begun("BEGIN") as connection:
-            tx = _PostgresTransaction(connection, self.layout, self._party_key)
-            yield tx
-            with connection.pipeline():  # the totals and the COMMIT in one round trip
-                tx.flush()
-                connection.execute("COMMIT")
+        """One change, committed (with the changes of other threads) when this returns."""
+        self._check_usable()
+        with self._writer.change() as change:
+            yield _PostgresTransaction(change, self.layout, self._party_key, self._admitted)
 
     def snapshot(self) -> StoreSnapshot:
         with self._begun("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") as connection:
@@ -217,6 +230,7 @@ class PostgresCallStore:
             return
         self._closed = True
         if self._owner_pid == os.getpid():
+            self._writer.close()
             self._pool.close()
 
     # -- inside --------------------------------------------------------------------------------
@@ -288,10 +302,14 @@ class PostgresCallStore:
         except psycopg.Error as exc:
             raise StoreUnavailable(f"PostgreSQL: {exc}") from exc
         finally:
-            if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                with suppress(psycopg.Error):  # a broken connection has nothing to roll back
-                    connection.execute("ROLLBACK")
-            self._pool.putconn(connection)  # a broken one is closed and replaced by the pool
+            self._release(connection)
+
+    def _release(self, connection: psycopg.Connection[Any]) -> None:
+        """Back to the pool, rolled back unless committed; a broken one is replaced."""
+        if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            with suppress(psycopg.Error):  # a broken connection has nothing to roll back
+                connection.execute("ROLLBACK")
+        self._pool.putconn(connection)
 
     def _connection_in_transaction(self, begin: str) -> psycopg.Connection[Any]:
         """BEGIN doubles as the check that a pooled connection still works: one that died with
@@ -323,45 +341,322 @@ class PostgresCallStore:
             )
 
 
-class _PostgresTransaction:
-    def __init__(
-        self, connection: psycopg.Connection[Any], layout: TallyLayout, party_key: bytes
-    ) -> None:
+# -- group commit ------------------------------------------------------------------------------
+
+
+class Batch:
+    """Changes of several threads in one PostgreSQL transaction, and how its commit went."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self.connection = connection
+        self.size = 0  # changes in it that succeeded
+        self.error: BaseException | None = None
+        # What its changes leave to the commit, and what it holds until then.
+        self.totals = Totals()
+        self.locks: set[int] = set()  # advisory leg locks: re-entrant, taken once a batch
+        self.admitted: set[tuple[int, str]] = set()  # extensions known admitted
+        # Held until the batch ends; its members wait by taking it in turn.
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def wait(self) -> None:
+        with self.done:
+            pass
+
+
+class Change:
+    """One thread's change inside a batch."""
+
+    def __init__(self, batch: Batch, group: GroupCommit) -> None:
+        self.batch = batch
+        self.connection = batch.connection
+        self.pipeline: psycopg.Pipeline | None = None
+        self._group = group
+        self._on_success: list[Callable[[], None]] = []
+
+    @property
+    def may_wait(self) -> bool:
+        """Whether this change may wait for a lock: not while its batch holds those of other
+        changes, which another process's batch may be waiting for in turn."""
+        return self.batch.size == 0
+
+    def commit_the_others(self) -> None:
+        """Commits the batch's other changes and goes on alone in a new transaction: for a
+        change about to wait for a lock, before it has written anything."""
+        self._group.commit_the_others(self)
+
+    def on_success(self, action: Callable[[], None]) -> None:
+        """Runs `action` once every statement of this change has succeeded."""
+        self._on_success.append(action)
+
+    def succeeded(self) -> None:
+        for action in self._on_success:
+            action()
+
+
+class GroupCommit:
+    """The changes of a process's threads, queued on one connection and committed together.
+
+    A WAL flush per event would cap the store at a few hundred events per second. While other
+    threads wait for their turn, the transaction stays open and they add their changes to it,
+    each in a savepoint of its own, so that a failing change rolls back alone; the last of them,
+    or the `max_batch`-th, commits for all. No thread returns before the COMMIT that holds its
+    change, and a failed COMMIT fails every change of the batch.
+
+    A change's statements are pipelined and synced at its end (and wherever it reads): its
+    errors are its own, never a later change's.
+
+    Locks a batch takes are held until it commits. Another process's batch waiting for one of
+    them while holding one this batch waits for is a deadlock that PostgreSQL breaks after
+    `deadlock_timeout`, failing one change (StoreUnavailable); `statement_timeout` bounds every
+    other wait, and `queue_timeout` the wait for a turn.
+    """
+
+    def __init__(
+        self,
+        begin: Callable[[], psycopg.Connection[Any]],
+        release: Callable[[psycopg.Connection[Any]], None],
+        before_commit: Callable[[Batch], None],
+        after_commit: Callable[[Batch], None],
+        queue_timeout: float,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self._begin = begin  # a connection inside a transaction
+        self._release = release  # gives it back, rolled back unless committed
+        self._before_commit = before_commit
+        self._after_commit = after_commit
+        self._queue_timeout = queue_timeout
+        self.max_batch = max_batch
+        self.commits = 0
+        self._turn = threading.Lock()
+        self._batch: Batch | None = None
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def waiting(self) -> int:
+        """Threads waiting for their turn."""
+        return self._waiting
+
+    @contextmanager
+    def change(self) -> Iterator[Change]:
+        """One change, committed when this returns; StoreUnavailable if it could not be."""
+        self._take_turn()
+        failure: BaseException | None = None
+        try:
+            if self._closed:
+                raise StoreUnavailable("PostgreSQL: the store is closed")
+            change = Change(self._batch or self._open_batch(), self)
+            try:
+                with change.connection.pipeline() as change.pipeline:
+                    change.connection.execute("SAVEPOINT change")
+                    yield change
+                    change.connection.execute("RELEASE change")
+                change.succeeded()
+                change.batch.size += 1
+            except BaseException as exc:
+                failure = exc
+                self._undo_change(change.batch)
+            batch = change.batch  # a new one if the change committed the others
+            if self._batch is batch and (batch.size >= self.max_batch or not self._waiting):
+                self._end_batch(batch)
+        finally:
+            self._turn.release()
+        if failure is not None:
+            if isinstance(failure, psycopg.Error):
+                raise StoreUnavailable(f"PostgreSQL: {failure}") from failure
+            raise failure
+        batch.wait()
+        if batch.error is not None:
+            raise StoreUnavailable(f"PostgreSQL: {batch.error}") from batch.error
+
+    def close(self) -> None:
+        """Commits the open batch; later changes raise StoreUnavailable."""
+        turn = self._turn.acquire(timeout=self._queue_timeout)
+        try:
+            self._closed = True
+            if self._batch is not None:
+                self._end_batch(self._batch)
+        finally:
+            if turn:
+                self._turn.release()
+
+    def commit_the_others(self, change: Change) -> None:
+        """See Change.commit_the_others."""
+        batch, connection, pipeline = change.batch, change.connection, change.pipeline
+        assert pipeline is not None
+        assert self._batch is batch
+        with suppress(psycopg.Error):  # the error that brought us here, if any, once more
+            pipeline.sync()
+        connection.execute("ROLLBACK TO change")
+        self._batch = change.batch = Batch(connection)
+        try:
+            self._before_commit(batch)
+            connection.execute("COMMIT")
+            pipeline.sync()
+            self.commits += 1
+            self._after_commit(batch)
+        except psycopg.Error as exc:
+            batch.error = exc
+        finally:
+            batch.done.release()
+        connection.execute("BEGIN")
+        connection.execute("SAVEPOINT change")
+
+    def _take_turn(self) -> None:
+        with self._waiting_lock:
+            self._waiting += 1
+        try:
+            if not self._turn.acquire(timeout=self._queue_timeout):
+                raise StoreUnavailable(
+                    f"PostgreSQL: no turn to write within {self._queue_timeout:g} s"
+                )
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+
+    def _open_batch(self) -> Batch:
+        self._batch = Batch(self._begin())
+        return self._batch
+
+    def _undo_change(self, batch: Batch) -> None:
+        try:
+            batch.connection.execute("ROLLBACK TO change")
+            batch.connection.execute("RELEASE change")
+        except psycopg.Error as exc:
+            # The transaction or the connection is gone, and the batch's other changes with it.
+            self._end_batch(batch, error=exc)
+
+    def _end_batch(self, batch: Batch, error: BaseException | None = None) -> None:
+        self._batch = None
+        batch.error = error
+        try:
+            if error is None and batch.size:
+                with batch.connection.pipeline():  # the totals and the COMMIT: one round trip
+                    self._before_commit(batch)
+                    batch.connection.execute("COMMIT")
+                self.commits += 1
+                self._after_commit(batch)
+        except psycopg.Error as exc:
+            batch.error = exc
+        finally:
+            try:
+                self._release(batch.connection)
+            finally:
+                batch.done.release()
+
+
+class Totals:
+    """Totals added by a change or a batch, written at its COMMIT."""
+
+    def __init__(self) -> None:
+        self.last_events: dict[tuple[int, str], float] = {}
+        self.active: dict[tuple[int, str, str, str], int] = {}
+        self.counters: dict[tuple[str, str], float] = {}
+        self.timings: dict[tuple[str, str, float], tuple[int, float]] = {}
+
+    def add(self, other: Totals) -> None:
+        for key, at in other.last_events.items():
+            self.last_events[key] = max(at, self.last_events.get(key, at))
+        for key_a, change in other.active.items():
+            self.active[key_a] = self.active.get(key_a, 0) + change
+        for key_c, value in other.counters.items():
+            self.counters[key_c] = self.counters.get(key_c, 0.0) + value
+        for key_t, (count, total) in other.timings.items():
+            old_count, old_total = self.timings.get(key_t, (0, 0.0))
+            self.timings[key_t] = (old_count + count, old_total + total)
+
+    def write(self, connection: psycopg.Connection[Any]) -> None:
+        """Each table's rows in key order, and tables in a fixed order.
+
+        Into this connection's shard: transactions on other connections write other rows.
+        """
+        shard = connection.info.backend_pid % SHARDS
+        if self.last_events:
+            keys = sorted(self.last_events)
+            connection.execute(
+                "INSERT INTO last_events (account, service, at, shard)"
+                " SELECT *, %s FROM unnest(%s::bigint[], %s::text[], %s::float8[])"
+                " ON CONFLICT (account, service, shard)"
+                " DO UPDATE SET at = greatest(last_events.at, excluded.at)",
+                (shard, *_columns(keys, 2), [self.last_events[k] for k in keys]),
+            )
+        if self.active:
+            keys_a = sorted(self.active)
+            connection.execute(
+                "INSERT INTO active_legs (account, service, direction, extension, count, shard)"
+                " SELECT *, %s FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[],"
+                " %s::bigint[]) ON CONFLICT (account, service, direction, extension, shard)"
+                " DO UPDATE SET count = active_legs.count + excluded.count",
+                (shard, *_columns(keys_a, 4), [self.active[k] for k in keys_a]),
+            )
+        if self.counters:
+            keys_c = sorted(self.counters)
+            connection.execute(
+                "INSERT INTO counters (kind, labels, value, shard)"
+                " SELECT *, %s FROM unnest(%s::text[], %s::text[], %s::float8[])"
+                " ON CONFLICT (kind, labels, shard)"
+                " DO UPDATE SET value = counters.value + excluded.value",
+                (shard, *_columns(keys_c, 2), [self.counters[k] for k in keys_c]),
+            )
+        if self.timings:
+            keys_t = sorted(self.timings)
+            connection.execute(
+                "INSERT INTO timings (kind, labels, bucket, count, total, shard)"
+                " SELECT *, %s FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bigint[],"
+                " %s::float8[]) ON CONFLICT (kind, labels, bucket, shard) DO UPDATE"
+                " SET count = timings.count + excluded.count,"
+                " total = timings.total + excluded.total",
+                (
+                    shard,
+                    *_columns(keys_t, 3),
+                    [self.timings[k][0] for k in keys_t],
+                    [self.timings[k][1] for k in keys_t],
+                ),
+            )
+
+
+# -- one change --------------------------------------------------------------------------------
+
+
+class _PostgresTransaction:
+    """One change. Statements whose results are not needed at once are only queued: they
+    reach the server with the change's next read, or at its end."""
+
+    def __init__(
+        self,
+        change: Change,
+        layout: TallyLayout,
+        party_key: bytes,
+        admitted: set[tuple[int, str]],
+    ) -> None:
+        self.connection = change.connection
         self.layout = layout
+        self._change = change
         self._party_key = party_key
-        self._locked: set[int] = set()
-        # Totals written by flush(), at the end of the transaction.
-        self._last_events: dict[tuple[int, str], float] = {}
-        self._active: dict[tuple[int, str, str, str], int] = {}
-        self._counters: dict[tuple[str, str], float] = {}
-        self._timings: dict[tuple[str, str, float], tuple[int, float]] = {}
+        self._admitted = admitted
+        self._totals = Totals()
+        self._locks: set[int] = set()
+        self._known_extensions: set[tuple[int, str]] = set()
+        # Whether each leg read or written under this change's locks is open: nobody else can
+        # close it meanwhile, so saving it needs no answer from the server.
+        self._open: dict[int, bool] = {}
+        self._inserted: list[tuple[Leg, psycopg.Cursor[Any]]] = []
+        self._written = False  # anything but reads with locks: see _must_not_wait
+        change.on_success(self._succeeded)
 
     def candidate_legs(self, event: CallEvent, closed_since: float) -> list[Leg]:
-        # Sent together, run in turn: the SELECT reads what the lock's last holder committed.
-        with self.connection.pipeline():
-            if event.call_id is not None:
-                self._lock_legs(_call_lock(event.account, event.call_id, event.abon))
-                cursor = self.connection.execute(
-                    _LEGS_OF_CALL, (event.account, event.call_id, event.abon)
-                )
-            else:
-                assert event.kind is not None
-                extension = (
-                    event.account,
-                    event.service.value,
-                    event.kind.direction.value,
-                    event.abon,
-                )
-                self._lock_legs(_abon_lock(*extension))
-                party = self._party(event.did)
-                if party is None:
-                    cursor = self.connection.execute(_LEGS_OF_EXTENSION, (*extension, closed_since))
-                else:
-                    cursor = self.connection.execute(
-                        _LEGS_OF_PARTY, (*extension, party, closed_since)
-                    )
-        return [_leg(row) for row in cursor.fetchall()]
+        lock, query, parameters = self._legs_query(event, closed_since)
+        if lock not in self._locks and lock not in self._change.batch.locks:
+            if self._must_not_wait():
+                rows = self._read_without_waiting(lock, query, parameters)
+                if rows is not None:
+                    return self._known_legs(rows)
+                self._change.commit_the_others()
+            self._lock_legs(lock)
+        # Sent with the lock, run after it: the SELECT reads what its last holder committed.
+        return self._known_legs(self.connection.execute(query, parameters).fetchall())
 
     def insert_leg(self, leg: Leg, did: str | None) -> None:
         labels = leg.labels
@@ -371,7 +666,7 @@ class _PostgresTransaction:
             self._lock_legs(
                 _abon_lock(labels.account, labels.service.value, labels.direction.value, leg.abon)
             )
-        row = self.connection.execute(
+        cursor = self.connection.execute(
             "INSERT INTO legs (account, service, direction, abon, extension, party, call_id,"
             " opened_at, started_at, answered_at, closed_at, outcome)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
@@ -389,26 +684,35 @@ class _PostgresTransaction:
                 leg.closed_at,
                 leg.outcome.value if leg.outcome else None,
             ),
-        ).fetchone()
-        assert row is not None
-        leg.id = row[0]
+        )
+        self._written = True
+        self._inserted.append((leg, cursor))  # its id is read with the change's next answer
         if leg.is_open:
             self._count_active(labels, +1)
 
     def save_leg(self, leg: Leg) -> None:
-        outcome = leg.outcome.value if leg.outcome else None
-        cursor = self.connection.execute(
-            "UPDATE legs SET started_at = %s, answered_at = %s, closed_at = %s, outcome = %s"
-            " WHERE id = %s AND closed_at IS NULL",
-            (leg.started_at, leg.answered_at, leg.closed_at, outcome, leg.id),
-        )
-        if not cursor.rowcount:
+        self._written = True
+        if leg.id is None:
+            self._read_inserted_ids()
+        leg_id = leg.id
+        was_open = None if leg_id is None else self._open.get(leg_id)
+        if leg_id is None or was_open is None:
+            self._save_unknown_leg(leg)
+        elif was_open:
+            outcome = leg.outcome.value if leg.outcome else None
+            self.connection.execute(
+                "UPDATE legs SET started_at = %s, answered_at = %s, closed_at = %s, outcome = %s"
+                " WHERE id = %s",
+                (leg.started_at, leg.answered_at, leg.closed_at, outcome, leg_id),
+            )
+            if not leg.is_open:
+                self._open[leg_id] = False
+                self._count_active(leg.labels, -1)
+        else:
             # Closed already: a late start is all that is left to record.
             self.connection.execute(
                 "UPDATE legs SET started_at = %s WHERE id = %s", (leg.started_at, leg.id)
             )
-        elif not leg.is_open:
-            self._count_active(leg.labels, -1)
 
     def open_legs_before(self, opened_before: float) -> list[Leg]:
         rows = self.connection.execute(
@@ -416,9 +720,10 @@ class _PostgresTransaction:
             " ORDER BY opened_at, id FOR UPDATE SKIP LOCKED",
             (opened_before,),
         ).fetchall()
-        return [_leg(row) for row in rows]
+        return self._known_legs(rows)
 
     def forget_closed_legs(self, with_call_id_before: float, without_call_id_before: float) -> None:
+        self._written = True
         self.connection.execute(
             "DELETE FROM legs WHERE id IN"
             " (SELECT id FROM legs WHERE closed_at < %s FOR UPDATE SKIP LOCKED)",
@@ -433,11 +738,19 @@ class _PostgresTransaction:
         )
 
     def admit_extension(self, account: int, extension: str, limit: int) -> bool:
+        key = (account, extension)
+        if (
+            key in self._admitted
+            or key in self._change.batch.admitted
+            or key in self._known_extensions
+        ):
+            return True  # extensions are never taken back: no lock needed to trust this
         known = self.connection.execute(
-            "SELECT 1 FROM extensions WHERE account = %s AND extension = %s", (account, extension)
+            "SELECT 1 FROM extensions WHERE account = %s AND extension = %s", key
         ).fetchone()
         if known:
-            return True  # extensions are never taken back: no lock needed to trust this
+            self._known_extensions.add(key)
+            return True
         self.lock_account(account)
         row = self.connection.execute(
             "SELECT count(*), coalesce(bool_or(extension = %s), false)"
@@ -446,93 +759,127 @@ class _PostgresTransaction:
         ).fetchone()
         assert row is not None
         used, admitted_meanwhile = row
-        if admitted_meanwhile:
-            return True
-        if used >= limit:
-            return False
-        self.connection.execute(
-            "INSERT INTO extensions VALUES (%s, %s) ON CONFLICT DO NOTHING", (account, extension)
-        )
+        if not admitted_meanwhile:
+            if used >= limit:
+                return False
+            self.connection.execute(
+                "INSERT INTO extensions VALUES (%s, %s) ON CONFLICT DO NOTHING", key
+            )
+        self._known_extensions.add(key)
         return True
 
     def touch(self, account: int, service: Service, at: float) -> None:
         key = (account, service.value)
-        self._last_events[key] = max(at, self._last_events.get(key, at))
+        last_events = self._totals.last_events
+        last_events[key] = max(at, last_events.get(key, at))
 
     def record(self, tallies: Iterable[Tally]) -> None:
+        counters, timings = self._totals.counters, self._totals.timings
         for tally in tallies:
             for row in self.layout.rows(tally):
                 if isinstance(row, CounterRow):
                     counter = (row.kind.value, _key(row.labels))
-                    self._counters[counter] = self._counters.get(counter, 0.0) + 1
+                    counters[counter] = counters.get(counter, 0.0) + 1
                 else:
                     timing = (row.kind.value, _key(row.labels), row.bucket)
-                    count, total = self._timings.get(timing, (0, 0.0))
-                    self._timings[timing] = (count + 1, total + row.seconds)
-
-    def flush(self) -> None:
-        """Writes the totals, each table's rows in key order, and tables in a fixed order.
-
-        Into this connection's shard: transactions on other connections write other rows.
-        """
-        shard = self.connection.info.backend_pid % SHARDS
-        if self._last_events:
-            keys = sorted(self._last_events)
-            self.connection.execute(
-                "INSERT INTO last_events (account, service, at, shard)"
-                " SELECT *, %s FROM unnest(%s::bigint[], %s::text[], %s::float8[])"
-                " ON CONFLICT (account, service, shard)"
-                " DO UPDATE SET at = greatest(last_events.at, excluded.at)",
-                (shard, *_columns(keys, 2), [self._last_events[k] for k in keys]),
-            )
-        if self._active:
-            keys_a = sorted(self._active)
-            self.connection.execute(
-                "INSERT INTO active_legs (account, service, direction, extension, count, shard)"
-                " SELECT *, %s FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[],"
-                " %s::bigint[]) ON CONFLICT (account, service, direction, extension, shard)"
-                " DO UPDATE SET count = active_legs.count + excluded.count",
-                (shard, *_columns(keys_a, 4), [self._active[k] for k in keys_a]),
-            )
-        if self._counters:
-            keys_c = sorted(self._counters)
-            self.connection.execute(
-                "INSERT INTO counters (kind, labels, value, shard)"
-                " SELECT *, %s FROM unnest(%s::text[], %s::text[], %s::float8[])"
-                " ON CONFLICT (kind, labels, shard)"
-                " DO UPDATE SET value = counters.value + excluded.value",
-                (shard, *_columns(keys_c, 2), [self._counters[k] for k in keys_c]),
-            )
-        if self._timings:
-            keys_t = sorted(self._timings)
-            self.connection.execute(
-                "INSERT INTO timings (kind, labels, bucket, count, total, shard)"
-                " SELECT *, %s FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bigint[],"
-                " %s::float8[]) ON CONFLICT (kind, labels, bucket, shard) DO UPDATE"
-                " SET count = timings.count + excluded.count,"
-                " total = timings.total + excluded.total",
-                (
-                    shard,
-                    *_columns(keys_t, 3),
-                    [self._timings[k][0] for k in keys_t],
-                    [self._timings[k][1] for k in keys_t],
-                ),
-            )
+                    count, total = timings.get(timing, (0, 0.0))
+                    timings[timing] = (count + 1, total + row.seconds)
 
     def lock_account(self, account: int) -> None:
         """The lock an account's extensions are admitted under."""
-        self.connection.execute(
-            "SELECT pg_advisory_xact_lock(%s, %s)", (EXTENSION_LOCKS, _hash32(("account", account)))
+        key = (EXTENSION_LOCKS, _hash32(("account", account)))
+        if self._must_not_wait():
+            got = self.connection.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", key)
+            if _first(got):
+                return
+            self._change.commit_the_others()
+        self.connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", key)
+
+    def _succeeded(self) -> None:
+        """The change's statements all ran: what it did becomes its batch's."""
+        self._read_inserted_ids()
+        self._change.batch.totals.add(self._totals)
+        self._change.batch.locks.update(self._locks)
+        self._change.batch.admitted.update(self._known_extensions)
+
+    def _read_inserted_ids(self) -> None:
+        for leg, cursor in self._inserted:
+            row = cursor.fetchone()
+            assert row is not None
+            leg.id = row[0]
+            self._open[row[0]] = leg.is_open
+        self._inserted.clear()
+
+    def _save_unknown_leg(self, leg: Leg) -> None:
+        """A leg not read in this change: whether it is still open is the server's to say."""
+        outcome = leg.outcome.value if leg.outcome else None
+        cursor = self.connection.execute(
+            "UPDATE legs SET started_at = %s, answered_at = %s, closed_at = %s, outcome = %s"
+            " WHERE id = %s AND closed_at IS NULL RETURNING id",  # an answer, even pipelined
+            (leg.started_at, leg.answered_at, leg.closed_at, outcome, leg.id),
         )
+        if cursor.fetchone() is None:
+            # Closed already: a late start is all that is left to record.
+            self.connection.execute(
+                "UPDATE legs SET started_at = %s WHERE id = %s", (leg.started_at, leg.id)
+            )
+        elif not leg.is_open:
+            self._count_active(leg.labels, -1)
+
+    def _known_legs(self, rows: list[Any]) -> list[Leg]:
+        legs = [_leg(row) for row in rows]
+        for leg in legs:
+            assert leg.id is not None
+            self._open[leg.id] = leg.is_open
+        return legs
+
+    def _legs_query(
+        self, event: CallEvent, closed_since: float
+    ) -> tuple[int, str, tuple[Any, ...]]:
+        """The lock an event's legs are read under, and the query that reads them."""
+        if event.call_id is not None:
+            call = (event.account, event.call_id, event.abon)
+            return _call_lock(*call), _LEGS_OF_CALL, call
+        assert event.kind is not None
+        extension = (event.account, event.service.value, event.kind.direction.value, event.abon)
+        party = self._party(event.did)
+        if party is None:
+            return _abon_lock(*extension), _LEGS_OF_EXTENSION, (*extension, closed_since)
+        return _abon_lock(*extension), _LEGS_OF_PARTY, (*extension, party, closed_since)
+
+    def _must_not_wait(self) -> bool:
+        """A lock this change would wait for must not be waited for while the batch holds the
+        others' locks: another process's batch may hold it and wait for one of those (a
+        deadlock, broken only after deadlock_timeout). Before it has written anything, the
+        change can have the others committed first; after, it waits (its own locks come in one
+        order: legs, then the account)."""
+        return not self._change.may_wait and not self._written
+
+    def _read_without_waiting(
+        self, lock: int, query: str, parameters: tuple[Any, ...]
+    ) -> list[Any] | None:
+        """The legs read under `lock` if it and their rows are free at once, else None (and
+        the change is rolled back to its start)."""
+        got = self.connection.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", (LEG_LOCKS, lock))
+        read = self.connection.execute(query + " NOWAIT", parameters)
+        try:
+            if not _first(got):
+                return None
+            rows = read.fetchall()
+        except psycopg.errors.LockNotAvailable:
+            return None
+        self._locks.add(lock)
+        return rows
 
     def _lock_legs(self, key: int) -> None:
-        if key not in self._locked:
+        if key not in self._locks and key not in self._change.batch.locks:
             self.connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LEG_LOCKS, key))
-            self._locked.add(key)
+            self._locks.add(key)
 
     def _count_active(self, labels: LegLabels, change: int) -> None:
         key = (labels.account, labels.service.value, labels.direction.value, labels.extension)
-        self._active[key] = self._active.get(key, 0) + change
+        active = self._totals.active
+        active[key] = active.get(key, 0) + change
 
     def _party(self, did: str | None) -> str | None:
         # The same keyed digest as the SQLite store: never the number itself.
@@ -540,6 +887,12 @@ class _PostgresTransaction:
             return None
         digest = hmac.new(self._party_key, did.encode(), hashlib.sha256)
         return digest.hexdigest()[:16]
+
+
+def _first(cursor: psycopg.Cursor[Any]) -> Any:
+    row = cursor.fetchone()
+    assert row is not None
+    return row[0]
 
 
 def _call_lock(account: int, call_id: str, abon: str) -> int:
