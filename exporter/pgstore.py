@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import os
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -345,10 +346,18 @@ class PostgresCallStore:
 
 
 class Batch:
-    """Changes of several threads in one PostgreSQL transaction, and how its commit went."""
+    """Changes of several threads in one PostgreSQL transaction, and how its commit went.
 
-    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+    Its connection stays in pipeline mode while it is open: statements are queued and sent
+    together, and a change waits for the server only where it reads and at its end.
+    """
+
+    def __init__(
+        self, connection: psycopg.Connection[Any], pipeline: psycopg.Pipeline, exits: ExitStack
+    ) -> None:
         self.connection = connection
+        self.pipeline = pipeline
+        self.exits = exits  # leaves pipeline mode
         self.size = 0  # changes in it that succeeded
         self.error: BaseException | None = None
         # What its changes leave to the commit, and what it holds until then.
@@ -358,6 +367,10 @@ class Batch:
         # Held until the batch ends; its members wait by taking it in turn.
         self.done = threading.Lock()
         self.done.acquire()
+
+    def sync(self) -> None:
+        """Sends what is queued and waits for it: raises the first error among it."""
+        self.pipeline.sync()
 
     def wait(self) -> None:
         with self.done:
@@ -370,7 +383,6 @@ class Change:
     def __init__(self, batch: Batch, group: GroupCommit) -> None:
         self.batch = batch
         self.connection = batch.connection
-        self.pipeline: psycopg.Pipeline | None = None
         self._group = group
         self._on_success: list[Callable[[], None]] = []
 
@@ -406,10 +418,10 @@ class GroupCommit:
     A change's statements are pipelined and synced at its end (and wherever it reads): its
     errors are its own, never a later change's.
 
-    Locks a batch takes are held until it commits. Another process's batch waiting for one of
-    them while holding one this batch waits for is a deadlock that PostgreSQL breaks after
-    `deadlock_timeout`, failing one change (StoreUnavailable); `statement_timeout` bounds every
-    other wait, and `queue_timeout` the wait for a turn.
+    Locks a batch takes are held until it commits. A change that would wait for a lock while
+    its batch holds other changes' locks has those committed first (`commit_the_others`), so
+    that two processes' batches never wait for each other in a cycle; `statement_timeout`
+    bounds every wait for a lock, and `queue_timeout` the wait for a turn.
     """
 
     def __init__(
@@ -449,10 +461,10 @@ class GroupCommit:
                 raise StoreUnavailable("PostgreSQL: the store is closed")
             change = Change(self._batch or self._open_batch(), self)
             try:
-                with change.connection.pipeline() as change.pipeline:
-                    change.connection.execute("SAVEPOINT change")
-                    yield change
-                    change.connection.execute("RELEASE change")
+                change.connection.execute("SAVEPOINT change")
+                yield change
+                change.connection.execute("RELEASE change")
+                change.batch.sync()
                 change.succeeded()
                 change.batch.size += 1
             except BaseException as exc:
@@ -484,17 +496,16 @@ class GroupCommit:
 
     def commit_the_others(self, change: Change) -> None:
         """See Change.commit_the_others."""
-        batch, connection, pipeline = change.batch, change.connection, change.pipeline
-        assert pipeline is not None
+        batch, connection = change.batch, change.connection
         assert self._batch is batch
         with suppress(psycopg.Error):  # the error that brought us here, if any, once more
-            pipeline.sync()
+            batch.sync()
         connection.execute("ROLLBACK TO change")
-        self._batch = change.batch = Batch(connection)
+        self._batch = change.batch = Batch(connection, batch.pipeline, batch.exits)
         try:
             self._before_commit(batch)
             connection.execute("COMMIT")
-            pipeline.sync()
+            batch.sync()
             self.commits += 1
             self._after_commit(batch)
         except psycopg.Error as exc:
@@ -517,13 +528,23 @@ class GroupCommit:
                 self._waiting -= 1
 
     def _open_batch(self) -> Batch:
-        self._batch = Batch(self._begin())
+        connection = self._begin()
+        exits = ExitStack()
+        try:
+            pipeline = exits.enter_context(connection.pipeline())
+        except BaseException:
+            self._release(connection)
+            raise
+        self._batch = Batch(connection, pipeline, exits)
         return self._batch
 
     def _undo_change(self, batch: Batch) -> None:
+        with suppress(psycopg.Error):  # the change's own error, raised already
+            batch.sync()
         try:
             batch.connection.execute("ROLLBACK TO change")
             batch.connection.execute("RELEASE change")
+            batch.sync()
         except psycopg.Error as exc:
             # The transaction or the connection is gone, and the batch's other changes with it.
             self._end_batch(batch, error=exc)
@@ -533,15 +554,17 @@ class GroupCommit:
         batch.error = error
         try:
             if error is None and batch.size:
-                with batch.connection.pipeline():  # the totals and the COMMIT: one round trip
-                    self._before_commit(batch)
-                    batch.connection.execute("COMMIT")
+                self._before_commit(batch)
+                batch.connection.execute("COMMIT")
+                batch.exits.close()  # sends all, waits for all: one round trip
                 self.commits += 1
                 self._after_commit(batch)
         except psycopg.Error as exc:
             batch.error = exc
         finally:
             try:
+                with suppress(psycopg.Error):  # an error of the batch's, already kept
+                    batch.exits.close()
                 self._release(batch.connection)
             finally:
                 batch.done.release()
@@ -573,48 +596,51 @@ class Totals:
         Into this connection's shard: transactions on other connections write other rows.
         """
         shard = connection.info.backend_pid % SHARDS
+        # Each table's rows as one JSON parameter: psycopg's array dumping costs more than
+        # the statement itself.
         if self.last_events:
-            keys = sorted(self.last_events)
-            connection.execute(
-                "INSERT INTO last_events (account, service, at, shard)"
-                " SELECT *, %s FROM unnest(%s::bigint[], %s::text[], %s::float8[])"
-                " ON CONFLICT (account, service, shard)"
-                " DO UPDATE SET at = greatest(last_events.at, excluded.at)",
-                (shard, *_columns(keys, 2), [self.last_events[k] for k in keys]),
-            )
+            rows: list[Any] = [[*key, at] for key, at in sorted(self.last_events.items())]
+            connection.execute(_WRITE_LAST_EVENTS, (shard, json.dumps(rows)))
         if self.active:
-            keys_a = sorted(self.active)
-            connection.execute(
-                "INSERT INTO active_legs (account, service, direction, extension, count, shard)"
-                " SELECT *, %s FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[],"
-                " %s::bigint[]) ON CONFLICT (account, service, direction, extension, shard)"
-                " DO UPDATE SET count = active_legs.count + excluded.count",
-                (shard, *_columns(keys_a, 4), [self.active[k] for k in keys_a]),
-            )
+            rows = [[*key, count] for key, count in sorted(self.active.items())]
+            connection.execute(_WRITE_ACTIVE_LEGS, (shard, json.dumps(rows)))
         if self.counters:
-            keys_c = sorted(self.counters)
-            connection.execute(
-                "INSERT INTO counters (kind, labels, value, shard)"
-                " SELECT *, %s FROM unnest(%s::text[], %s::text[], %s::float8[])"
-                " ON CONFLICT (kind, labels, shard)"
-                " DO UPDATE SET value = counters.value + excluded.value",
-                (shard, *_columns(keys_c, 2), [self.counters[k] for k in keys_c]),
-            )
+            rows = [[*key, value] for key, value in sorted(self.counters.items())]
+            connection.execute(_WRITE_COUNTERS, (shard, json.dumps(rows)))
         if self.timings:
-            keys_t = sorted(self.timings)
-            connection.execute(
-                "INSERT INTO timings (kind, labels, bucket, count, total, shard)"
-                " SELECT *, %s FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bigint[],"
-                " %s::float8[]) ON CONFLICT (kind, labels, bucket, shard) DO UPDATE"
-                " SET count = timings.count + excluded.count,"
-                " total = timings.total + excluded.total",
-                (
-                    shard,
-                    *_columns(keys_t, 3),
-                    [self.timings[k][0] for k in keys_t],
-                    [self.timings[k][1] for k in keys_t],
-                ),
-            )
+            # The bucket as text: JSON has no Infinity, PostgreSQL's float8 reads "inf".
+            rows = [
+                [kind, labels, repr(bucket), *value]
+                for (kind, labels, bucket), value in sorted(self.timings.items())
+            ]
+            connection.execute(_WRITE_TIMINGS, (shard, json.dumps(rows)))
+
+
+_FROM_ROWS = " FROM json_array_elements(%s::json) AS row_(r)"
+_WRITE_LAST_EVENTS = (
+    "INSERT INTO last_events (shard, account, service, at)"
+    " SELECT %s, (r->>0)::bigint, r->>1, (r->>2)::float8"
+    f"{_FROM_ROWS} ON CONFLICT (account, service, shard)"
+    " DO UPDATE SET at = greatest(last_events.at, excluded.at)"
+)
+_WRITE_ACTIVE_LEGS = (
+    "INSERT INTO active_legs (shard, account, service, direction, extension, count)"
+    " SELECT %s, (r->>0)::bigint, r->>1, r->>2, r->>3, (r->>4)::bigint"
+    f"{_FROM_ROWS} ON CONFLICT (account, service, direction, extension, shard)"
+    " DO UPDATE SET count = active_legs.count + excluded.count"
+)
+_WRITE_COUNTERS = (
+    "INSERT INTO counters (shard, kind, labels, value)"
+    " SELECT %s, r->>0, r->>1, (r->>2)::float8"
+    f"{_FROM_ROWS} ON CONFLICT (kind, labels, shard)"
+    " DO UPDATE SET value = counters.value + excluded.value"
+)
+_WRITE_TIMINGS = (
+    "INSERT INTO timings (shard, kind, labels, bucket, count, total)"
+    " SELECT %s, r->>0, r->>1, (r->>2)::float8, (r->>3)::bigint, (r->>4)::float8"
+    f"{_FROM_ROWS} ON CONFLICT (kind, labels, bucket, shard) DO UPDATE"
+    " SET count = timings.count + excluded.count, total = timings.total + excluded.total"
+)
 
 
 # -- one change --------------------------------------------------------------------------------
@@ -907,10 +933,6 @@ def _hash32(key: tuple[object, ...]) -> int:
     """A lock id for a key. Two keys sharing one only serialise their events, never mix them."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big", signed=True)
-
-
-def _columns(keys: list[Any], width: int) -> list[list[Any]]:
-    return [[key[i] for key in keys] for i in range(width)]
 
 
 def _schema_version(connection: psycopg.Connection[Any]) -> str | None:
