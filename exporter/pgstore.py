@@ -166,7 +166,7 @@ class PostgresCallStore:
             name="mcn-exporter",
             open=True,
         )
-        self._writer = GroupCommit(
+        self.writer = GroupCommit(
             begin=lambda: self._connection_in_transaction("BEGIN"),
             release=self._release,
             before_commit=lambda batch: batch.totals.write(batch.connection),
@@ -181,7 +181,7 @@ class PostgresCallStore:
     def transaction(self) -> Iterator[_PostgresTransaction]:
         """One change, committed (with the changes of other threads) when this returns."""
         self._check_usable()
-        with self._writer.change() as change:
+        with self.writer.change() as change:
             yield _PostgresTransaction(change, self.layout, self._party_key, self._admitted)
 
     def snapshot(self) -> StoreSnapshot:
@@ -231,7 +231,7 @@ class PostgresCallStore:
             return
         self._closed = True
         if self._owner_pid == os.getpid():
-            self._writer.close()
+            self.writer.close()
             self._pool.close()
 
     # -- inside --------------------------------------------------------------------------------
@@ -898,9 +898,18 @@ class _PostgresTransaction:
         return rows
 
     def _lock_legs(self, key: int) -> None:
-        if key not in self._locks and key not in self._change.batch.locks:
-            self.connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LEG_LOCKS, key))
-            self._locks.add(key)
+        if key in self._locks or key in self._change.batch.locks:
+            return
+        if self._must_not_wait():
+            got = self.connection.execute(
+                "SELECT pg_try_advisory_xact_lock(%s, %s)", (LEG_LOCKS, key)
+            )
+            if _first(got):
+                self._locks.add(key)
+                return
+            self._change.commit_the_others()
+        self.connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LEG_LOCKS, key))
+        self._locks.add(key)
 
     def _count_active(self, labels: LegLabels, change: int) -> None:
         key = (labels.account, labels.service.value, labels.direction.value, labels.extension)
