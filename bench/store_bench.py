@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import multiprocessing.synchronize
+import os
+import resource
 import shutil
 import statistics
 import sys
@@ -23,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,6 +43,7 @@ LAYOUT = TallyLayout(ring_buckets=(1.0, 5.0, 10.0, 20.0, 30.0, 60.0), talk_bucke
 SLOTS = 256  # calls in progress per thread, their events interleaved as in webhooks.lua
 EXTENSIONS = 60
 BACKENDS = ("sqlite", "postgresql")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,16 @@ class Outcome:
     failures: int  # StoreUnavailable: what the server would answer 503
     seconds: float
     latencies: list[float]  # per event, seconds
+    client_cpu: float = 0.0  # seconds of CPU of the processes driving the store
+    server_cpu: float = 0.0  # seconds of CPU of the PostgreSQL server
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds if self.seconds else 0.0
+
+    def cpu_per_event(self, cpu: float) -> float:
+        """Microseconds."""
+        return cpu * 1e6 / self.events if self.events else 0.0
 
 
 # -- traffic -----------------------------------------------------------------------------------
@@ -199,6 +208,45 @@ def run_round(
     )
 
 
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have ended."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def server_cpu(cluster: PgCluster) -> float:
+    """CPU seconds of the PostgreSQL server so far: the postmaster, its live processes and the
+    backends it has reaped."""
+    postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    total = 0.0
+    for pid in [postmaster, *live_children(postmaster)]:
+        fields = process_fields(pid)
+        if fields:
+            ticks = fields[11] + fields[12] + (fields[13] + fields[14] if pid == postmaster else 0)
+            total += ticks / CLOCK_TICKS
+    return total
+
+
+def live_children(parent: int) -> list[int]:
+    children: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = process_fields(int(entry.name))
+            if fields and fields[1] == parent:
+                children.append(int(entry.name))
+    return children
+
+
+def process_fields(pid: int) -> list[int]:
+    """/proc/<pid>/stat from the state on, as numbers (the state itself as 0)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    rest = text.rsplit(")", 1)[1].split()
+    return [0, *(int(value) for value in rest[1:])]
+
+
 def percentile(values: list[float], share: float) -> float:
     if not values:
         return 0.0
@@ -221,12 +269,21 @@ def bench(args: argparse.Namespace, cluster: PgCluster, scratch: Path) -> dict[s
             where = str(scratch / f"round-{index}.sqlite3")
         else:
             where = cluster.create_database()
+        client, server = children_cpu(), server_cpu(cluster)
         outcome = run_round(backend, where, f"r{index}", args.processes, args.threads, args.seconds)
+        time.sleep(0.5)  # the backends of the round's connections end and are reaped
+        outcome = replace(
+            outcome,
+            client_cpu=children_cpu() - client,
+            server_cpu=server_cpu(cluster) - server,
+        )
         outcomes[backend].append(outcome)
         print(
             f"round {index + 1} {backend:10s} {outcome.rate:8.0f} events/s"
             f"  p50 {percentile(outcome.latencies, 0.5) * 1000:6.2f} ms"
             f"  p99 {percentile(outcome.latencies, 0.99) * 1000:6.2f} ms"
+            f"  CPU/event {outcome.cpu_per_event(outcome.client_cpu):4.0f} us"
+            f" + server {outcome.cpu_per_event(outcome.server_cpu):4.0f} us"
             f"  503s {outcome.failures}",
             flush=True,
         )
@@ -238,12 +295,19 @@ def report(outcomes: dict[str, list[Outcome]]) -> None:
         backend: statistics.median(one.rate for one in outcomes[backend]) for backend in BACKENDS
     }
     print()
-    print("| backend | events/s (median) | p99 ms (median) | 503s |")
-    print("|---|---|---|---|")
+    print("| backend | events/s | p99 ms | client CPU µs/event | PostgreSQL CPU µs/event | 503s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for backend in BACKENDS:
-        p99 = statistics.median(percentile(one.latencies, 0.99) for one in outcomes[backend])
-        failures = sum(one.failures for one in outcomes[backend])
-        print(f"| {backend} | {rates[backend]:,.0f} | {p99 * 1000:.2f} | {failures} |")
+        rounds = outcomes[backend]
+        p99 = statistics.median(percentile(one.latencies, 0.99) for one in rounds)
+        client = statistics.median(one.cpu_per_event(one.client_cpu) for one in rounds)
+        server = statistics.median(one.cpu_per_event(one.server_cpu) for one in rounds)
+        failures = sum(one.failures for one in rounds)
+        print(
+            f"| {backend} | {rates[backend]:,.0f} | {p99 * 1000:.1f} | {client:.0f}"
+            f" | {server:.0f} | {failures} |"
+        )
+    print("(medians of the rounds)")
     ratio = rates["postgresql"] / rates["sqlite"] if rates["sqlite"] else 0.0
     print(f"\nPostgreSQL / SQLite: {ratio:.2f}")
 

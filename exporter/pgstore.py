@@ -1,8 +1,13 @@
 """The call store in PostgreSQL, shared by exporter replicas on several hosts.
 
-Same tables and semantics as the SQLite store: each change and the totals it implies are one
-PostgreSQL transaction, committed before `transaction()` returns, so an event is acknowledged
-only once it is durable.
+Same tables and semantics as the SQLite store: each change and the totals it implies are
+committed before `transaction()` returns, so an event is acknowledged only once it is durable
+(synchronous_commit as the server has it, on by default).
+
+Group commit, as in the SQLite store: the changes of a process's threads go through one
+writer connection (`GroupCommit`), and those queued together share one transaction, each in a
+savepoint of its own (a failing change rolls back alone), and one COMMIT, that is one WAL flush
+for up to MAX_BATCH events. Every thread waits for the COMMIT that holds its change.
 
 Locking, so that replicas never both act on one leg:
 - An event first takes a transaction-scoped advisory lock on its matching key, (account,
@@ -10,16 +15,20 @@ Locking, so that replicas never both act on one leg:
   candidate legs `FOR UPDATE`. Copies of one event reaching two replicas at once are thereby
   handled one after the other, and the second sees the leg the first opened; legs without a
   call_id are taken FIFO by one transaction at a time.
+- Locks are held until the batch commits. A change never waits for a lock while its batch holds
+  other changes' locks: it tries the lock (and its rows, NOWAIT), and if either is taken, the
+  batch's other changes are committed first and it goes on alone in a new transaction. Two
+  processes' batches therefore never wait for each other in a cycle.
 - Expiry and cleanup lock the legs they change `FOR UPDATE SKIP LOCKED`: a leg an event holds
   is left to that event (which expires it itself if it is overdue), and one another replica's
   expiry holds or closed is not taken again. Each leg expires once; expiry never waits for legs.
 - An extension's admission takes an advisory lock per account, so the limit holds across
-  replicas.
-- Totals (counters, timings, active legs, last events) are accumulated during the transaction
-  and written at its end with `INSERT ... ON CONFLICT DO UPDATE SET value = value + excluded.value`,
-  tables in one fixed order and rows in key order, so two transactions never wait on each other
-  in a cycle. Each total is kept in SHARDS rows, one per connection's shard, summed when read:
-  concurrent events then lock different rows and their commits can share a WAL flush.
+  replicas. Admissions are never taken back: once committed, the writer remembers them.
+- Totals (counters, timings, active legs, last events) are accumulated in Python during the
+  batch and written before its COMMIT with `INSERT ... ON CONFLICT DO UPDATE SET value = value
+  + excluded.value`, tables in one fixed order and rows in key order, so two transactions never
+  wait on each other in a cycle. Each total is kept in SHARDS rows, one per connection's shard,
+  summed when read: two replicas' batches then lock different rows.
 """
 
 from __future__ import annotations
