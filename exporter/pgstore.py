@@ -529,13 +529,23 @@ class GroupCommit:
         with self._waiting_lock:
             self._waiting += 1
         try:
-            if not self._turn.acquire(timeout=self._queue_timeout):
-                raise StoreUnavailable(
-                    f"PostgreSQL: no turn to write within {self._queue_timeout:g} s"
-                )
+            taken = self._turn.acquire(timeout=self._queue_timeout)
         finally:
             with self._waiting_lock:
                 self._waiting -= 1
+        if not taken:
+            self._end_batch_left_for_nobody()
+            raise StoreUnavailable(f"PostgreSQL: no turn to write within {self._queue_timeout:g} s")
+
+    def _end_batch_left_for_nobody(self) -> None:
+        """The last change may have left the batch open for this thread, which gave up: its
+        changes' threads would wait for a COMMIT nobody sends."""
+        if self._turn.acquire(blocking=False):
+            try:
+                if self._batch is not None and not self._waiting:
+                    self._end_batch(self._batch)
+            finally:
+                self._turn.release()
 
     def _open_batch(self) -> Batch:
         connection = self._begin()
