@@ -721,10 +721,10 @@ def test_batches_of_two_stores_locking_in_opposite_orders_do_not_deadlock(
     commits = [store.writer.commits for store in stores]
     in_parallel([batch_of(stores[0], "call-1", "call-2"), batch_of(stores[1], "call-2", "call-1")])
 
-    # Each store committed its first change alone, ahead of the change that had to wait.
-    assert [
-        store.writer.commits - before for store, before in zip(stores, commits, strict=True)
-    ] == [2, 2]
+    # The store whose second change found its call taken (one or both, as the threads ran)
+    # committed its first change alone, ahead of it.
+    made = [store.writer.commits - before for store, before in zip(stores, commits, strict=True)]
+    assert sorted(made) in ([1, 2], [2, 2])
     with stores[0].transaction() as tx:
         assert leg_of(tx, "call-1") is not None
         assert leg_of(tx, "call-2") is not None
