@@ -689,7 +689,8 @@ class _PostgresTransaction:
         # close it meanwhile, so saving it needs no answer from the server.
         self._open: dict[int, bool] = {}
         self._inserted: list[tuple[Leg, psycopg.Cursor[Any]]] = []
-        self._written = False  # anything but reads with locks: see _must_not_wait
+        # Whether it has taken a lock, read under one or written: see _must_not_wait.
+        self._begun = False
         change.on_success(self._succeeded)
 
     def candidate_legs(self, event: CallEvent, closed_since: float) -> list[Leg]:
@@ -731,13 +732,13 @@ class _PostgresTransaction:
                 leg.outcome.value if leg.outcome else None,
             ),
         )
-        self._written = True
+        self._begun = True
         self._inserted.append((leg, cursor))  # its id is read with the change's next answer
         if leg.is_open:
             self._count_active(labels, +1)
 
     def save_leg(self, leg: Leg) -> None:
-        self._written = True
+        self._begun = True
         if leg.id is None:
             self._read_inserted_ids()
         leg_id = leg.id
@@ -769,7 +770,7 @@ class _PostgresTransaction:
         return self._known_legs(rows)
 
     def forget_closed_legs(self, with_call_id_before: float, without_call_id_before: float) -> None:
-        self._written = True
+        self._begun = True
         self.connection.execute(
             "DELETE FROM legs WHERE id IN"
             " (SELECT id FROM legs WHERE closed_at < %s FOR UPDATE SKIP LOCKED)",
@@ -837,9 +838,11 @@ class _PostgresTransaction:
         if self._must_not_wait():
             got = self.connection.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", key)
             if _first(got):
+                self._begun = True
                 return
             self._change.commit_the_others()
         self.connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", key)
+        self._begun = True
 
     def _succeeded(self) -> None:
         """The change's statements all ran: what it did becomes its batch's."""
@@ -873,6 +876,7 @@ class _PostgresTransaction:
             self._count_active(leg.labels, -1)
 
     def _known_legs(self, rows: list[Any]) -> list[Leg]:
+        self._begun = True  # read under locks that committing the others would give up
         legs = [_leg(row) for row in rows]
         for leg in legs:
             assert leg.id is not None
@@ -896,10 +900,12 @@ class _PostgresTransaction:
     def _must_not_wait(self) -> bool:
         """A lock this change would wait for must not be waited for while the batch holds the
         others' locks: another process's batch may hold it and wait for one of those (a
-        deadlock, broken only after deadlock_timeout). Before it has written anything, the
-        change can have the others committed first; after, it waits (its own locks come in one
-        order: legs, then the account)."""
-        return not self._change.may_wait and not self._written
+        deadlock, broken only after deadlock_timeout). Before it has taken a lock, read under
+        one or written (all of which committing the others would give up), the change can
+        have the others committed first. After, it waits: its own locks come in one order
+        (legs, then the account), and the holder of an account lock only waits for a leg lock
+        in a later change, which then commits the others, the account lock with them."""
+        return not self._change.may_wait and not self._begun
 
     def _read_without_waiting(
         self, lock: int, query: str, parameters: tuple[Any, ...]
@@ -926,10 +932,12 @@ class _PostgresTransaction:
             )
             if _first(got):
                 self._locks.add(key)
+                self._begun = True
                 return
             self._change.commit_the_others()
         self.connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LEG_LOCKS, key))
         self._locks.add(key)
+        self._begun = True
 
     def _count_active(self, labels: LegLabels, change: int) -> None:
         key = (labels.account, labels.service.value, labels.direction.value, labels.extension)

@@ -29,7 +29,7 @@ from exporter.legs import (
     TallyLayout,
     TimingRow,
 )
-from exporter.pgstore import PostgresCallStore
+from exporter.pgstore import EXTENSION_LOCKS, LEG_LOCKS, PostgresCallStore, _call_lock, _hash32
 from exporter.store import CallStore, SqliteCallStore, StoreSnapshot, StoreUnavailable
 from tests.conftest import ACCOUNT, FakeClock, free_port
 
@@ -730,3 +730,52 @@ def test_batches_of_two_stores_locking_in_opposite_orders_do_not_deadlock(
         assert leg_of(tx, "call-2") is not None
     for store in stores:
         store.close()
+
+
+@pytest.mark.postgresql
+def test_a_change_waiting_for_its_account_keeps_the_call_it_read(postgres_url: str) -> None:
+    """A change past its first lock waits for the next one holding it: committing the batch's
+    other changes then would give up the call it has read too."""
+    store = open_pg(postgres_url)
+    account_lock = (EXTENSION_LOCKS, _hash32(("account", ACCOUNT)))
+    call_lock = (LEG_LOCKS, _call_lock(ACCOUNT, "call-1", "108"))
+    call_free_meanwhile: list[bool] = []
+    with (
+        psycopg.connect(postgres_url, autocommit=True) as admitting,
+        psycopg.connect(postgres_url, autocommit=True) as probe,
+    ):
+        admitting.execute("BEGIN")
+        admitting.execute("SELECT pg_advisory_xact_lock(%s, %s)", account_lock)
+
+        def waiting_for_a_lock() -> bool:
+            row = probe.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            ).fetchone()
+            return row is not None and row[0] > 0
+
+        def let_it_through() -> None:
+            wait_until(waiting_for_a_lock, "the change waits for the account's lock")
+            taken = probe.execute("SELECT pg_try_advisory_lock(%s, %s)", call_lock).fetchone()
+            assert taken is not None
+            call_free_meanwhile.append(taken[0])
+            probe.execute("SELECT pg_advisory_unlock_all()")
+            admitting.execute("COMMIT")
+
+        def admit(tx: Any) -> None:
+            tx.candidate_legs(event("onInCallingStart", "call-1"), closed_since=0.0)
+            assert tx.admit_extension(ACCOUNT, "108", limit=10)
+
+        releaser = threading.Thread(target=let_it_through)
+        releaser.start()
+        outcomes = in_one_batch(
+            store,
+            [
+                lambda tx: tx.candidate_legs(event("onInCallingStart", "call-9"), 0.0),
+                admit,
+            ],
+        )
+        releaser.join(timeout=120)
+
+    assert outcomes == [None, None]
+    assert call_free_meanwhile == [False]
+    store.close()
