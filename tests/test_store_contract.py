@@ -591,9 +591,11 @@ def in_one_batch(store: PostgresCallStore, changes: list[Change]) -> list[BaseEx
         try:
             with store.transaction() as tx:
                 inside[index].set()
-                changes[index](tx)
-                if index + 1 < len(changes):
-                    wait_until(lambda: store.writer.waiting > 0, "the next change is queued")
+                try:
+                    changes[index](tx)
+                finally:  # a failing change too keeps the batch open for the next
+                    if index + 1 < len(changes):
+                        wait_until(lambda: store.writer.waiting > 0, "the next change is queued")
         except BaseException as exc:
             outcomes[index] = exc
         finally:
