@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))  # for tests.pgcluster, the tests' throwaway Postg
 from exporter.calls import CallTracker, TrackerSettings  # noqa: E402
 from exporter.events import EVENT_KINDS, CallEvent  # noqa: E402
 from exporter.legs import TallyLayout  # noqa: E402
-from exporter.pgstore import PostgresCallStore  # noqa: E402
 from exporter.store import CallStore, SqliteCallStore, StoreUnavailable  # noqa: E402
+from exporter.store.postgresql import PostgresCallStore  # noqa: E402
 from tests.pgcluster import PgCluster  # noqa: E402
 
 ACCOUNT = 10123

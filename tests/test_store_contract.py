@@ -29,13 +29,19 @@ from exporter.legs import (
     TallyLayout,
     TimingRow,
 )
-from exporter.pgstore import EXTENSION_LOCKS, LEG_LOCKS, PostgresCallStore, _call_lock, _hash32
 from exporter.store import (
     CallStore,
     LegQuery,
     SqliteCallStore,
     StoreSnapshot,
     StoreUnavailable,
+)
+from exporter.store.postgresql import (
+    EXTENSION_LOCKS,
+    LEG_LOCKS,
+    PostgresCallStore,
+    _call_lock,
+    _hash32,
 )
 from tests.conftest import ACCOUNT, FakeClock, free_port
 

@@ -50,16 +50,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from exporter.events import Direction, Service
 from exporter.legs import CounterRow, Leg, LegLabels, Tally, TallyKind, TallyLayout, TimingRow
-from exporter.store import (
-    LEG_COLUMNS,
-    LegQuery,
-    StoreSnapshot,
-    StoreUnavailable,
-    _key,
-    _labels,
-    _leg,
-    _timing_series,
-)
+from exporter.store.base import LegQuery, StoreSnapshot, StoreUnavailable
+from exporter.store.rows import LEG_COLUMNS, _key, _labels, _leg, _timing_series
 
 SCHEMA_VERSION = "1"
 # Advisory lock classes: a constant of our own, so that other users of the database are not hit.
