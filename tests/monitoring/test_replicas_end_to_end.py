@@ -54,14 +54,16 @@ if TYPE_CHECKING:
 pytest_plugins = ["tests.pgcluster"]
 pytestmark = [pytest.mark.server, pytest.mark.postgresql]
 
-# About 3.3 events a call: some 65 s of traffic at 20 events/s, the kill after about 25 s.
+# About 3.3 events a call, plus the retries of the events drawn for the dead replica: some
+# 80 s of traffic at 20 events/s, the kill after about 30 s.
 CALLS, RATE = 400, 20.0
-KILL_AFTER_EVENTS = 300  # taken by the survivor: about half the events, plus the copies
+KILL_AFTER_EVENTS = 600  # taken by the survivor: about half the events, plus the copies
 # Call legs started in 15 minutes at this time yesterday: MCNWebhookFeedSilent's expectation.
 YESTERDAY_STARTED = 300.0
 # What rate()/increase() may add over the true count: extrapolation by half a scrape interval
 # at either end of a series. A doubled count or a reset artefact adds the whole count.
 TOLERANCE = 1.1
+CALL_TOTALS = ("mcn_calls_started_total", "mcn_calls_ended_total")
 
 
 @dataclass
@@ -200,10 +202,12 @@ def scenario(
         out, err = simulate.communicate(timeout=300)
         assert simulate.returncode == 0, err
         truth: dict[str, Any] = json.loads(out)
-        started = truth_total(truth, "mcn_calls_started_total")
         wait_until(
             "Prometheus to scrape the final totals",
-            lambda: value(prometheus.query(collapsed("mcn_calls_started_total"))) == started,
+            lambda: all(
+                value(prometheus.query(collapsed(metric))) == truth_total(truth, metric)
+                for metric in CALL_TOTALS
+            ),
             timeout=60,
         )
         yield Scenario(
@@ -244,12 +248,12 @@ def test_prometheus_counts_the_shared_totals_once(scenario: Scenario) -> None:
     assert before["up"] == 2
     # Both replicas expose the same shared totals: summing them would double the count ...
     assert before["one_replica"] > 0
-    assert before["summed"] >= 1.9 * before["one_replica"], before
+    assert before["summed"] >= 1.8 * before["one_replica"], before
     # ... while the recorded series counts what one replica's counters hold.
-    assert 0 < before["recorded"] <= TOLERANCE * before["one_replica"], before
+    assert 0 < before["recorded"] <= TOLERANCE * before["one_replica"] + 2, before
 
     # At the end, every call total Prometheus holds, collapsed, is the simulator's truth.
-    for metric in ("mcn_calls_started_total", "mcn_calls_ended_total"):
+    for metric in CALL_TOTALS:
         shown = {
             _labels(series["metric"]): float(series["value"][1])
             for series in scenario.prometheus.query(
