@@ -77,7 +77,6 @@ class Scenario:
     replica_down: dict[str, Any]
     before_kill: dict[str, float]
     truth: dict[str, Any]
-    ended_at: float
 
     def window(self, since: float) -> str:
         """A range selector reaching back to `since`, read now."""
@@ -220,7 +219,6 @@ def scenario(
             replica_down[0],
             before_kill,
             truth,
-            time.time(),
         )
 
 
