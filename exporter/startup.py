@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING
 from exporter.callers import CallerSettings
 from exporter.calls import CallTracker, Clock, TrackerSettings
 from exporter.config import Config, StoreConfig, mask_password
-from exporter.deferred_store import DeferredStore
 from exporter.events import WebhookParser
 from exporter.legs import TallyLayout
 from exporter.store import (
@@ -44,10 +43,11 @@ from exporter.store import (
     StoreSeed,
     StoreUnavailable,
 )
+from exporter.store.deferred import DeferredStore
 
 if TYPE_CHECKING:
     from exporter.app import Deps
-    from exporter.pgstore import PostgresCallStore
+    from exporter.store.postgresql import PostgresCallStore
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 POSTGRESQL_EXTRA = "pip install 'mcn-exporter[postgresql]'"
@@ -201,7 +201,7 @@ def open_store(config: Config, layout: TallyLayout, prepared: bool = False) -> C
 
 def _postgresql_backend() -> type[PostgresCallStore]:
     try:
-        from exporter.pgstore import PostgresCallStore
+        from exporter.store.postgresql import PostgresCallStore
     except ImportError as exc:
         raise StartupError(
             f"store.url names a PostgreSQL store, which needs psycopg ({exc}): "

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from exporter import deferred_store
-from exporter.deferred_store import DeferredStore
 from exporter.events import Service
 from exporter.legs import TallyLayout
 from exporter.store import CallStore, SqliteCallStore, StoreUnavailable
+from exporter.store import deferred as deferred_store
+from exporter.store.deferred import DeferredStore
 
 LAYOUT = TallyLayout(ring_buckets=(5.0,), talk_buckets=(60.0,), timings_by_extension=False)
 

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from exporter.deferred_store import RETRY_INTERVAL
 from exporter.rejections import COUNTED_REASONS
 from exporter.simulate import truth_differences
+from exporter.store.deferred import RETRY_INTERVAL
 from tests.conftest import ACCOUNT, SECRET, Samples, ServerProcess, base_config, call_totals
 from tests.test_server import (
     EXTENSIONS,

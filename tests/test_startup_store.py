@@ -8,7 +8,6 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from exporter.config import StoreConfig, parse_config
-from exporter.deferred_store import DeferredStore
 from exporter.startup import (
     PostgresTimeouts,
     StartupError,
@@ -17,6 +16,7 @@ from exporter.startup import (
     tally_layout,
 )
 from exporter.store import SqliteCallStore
+from exporter.store.deferred import DeferredStore
 from tests.conftest import base_config
 
 

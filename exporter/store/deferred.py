@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 
 from exporter.legs import CounterRow, TallyLayout, TimingRow
-from exporter.store import CallStore, StoreSnapshot, StoreTransaction, StoreUnavailable
+from exporter.store.base import CallStore, StoreSnapshot, StoreTransaction, StoreUnavailable
 
 # After a failed attempt, requests are refused at once for this long instead of each trying
 # again: a database that does not answer would otherwise cost every request a connect timeout.
