@@ -337,6 +337,41 @@ def test_outbound_calls_to_anyone_else_count_nowhere(phones: Exporter) -> None:
     assert "mcn_callback_attempts_total" not in totals
 
 
+def test_a_call_back_known_only_by_its_end_and_a_lost_start_attempt(phones: Exporter) -> None:
+    missed_call(phones)
+    # Its start lost, an outbound end with billsec 0: an attempt nobody answered.
+    phones.event("onOutCallingEnd", abon="206", did=CALLER_INTERNATIONAL, billsec=0)
+    assert caller_totals(phones.samples())["mcn_callback_attempts_total"] == {
+        f"account={ACCOUNT},outcome=unanswered": 1
+    }
+    # No answer event, but an end with billsec: the callee answered.
+    phones.event("onOutCallingStart", abon="205", did=CALLER)
+    phones.clock.advance(100)
+    phones.event("onOutCallingEnd", abon="205", did=CALLER, billsec=60)
+
+    totals = caller_totals(phones.samples())
+    assert "mcn_missed_callers_waiting" not in totals
+    assert totals["mcn_missed_callers_resolved_total"] == {resolved("called_back"): 1}
+    assert totals["mcn_callback_attempts_total"] == {
+        f"account={ACCOUNT},outcome=unanswered": 1,
+        f"account={ACCOUNT},outcome=answered": 1,
+    }
+
+
+def test_a_call_whose_leg_expired_unanswered_is_expired_and_nobody_waits(
+    phones: Exporter,
+) -> None:
+    ring(phones, "201")
+    phones.clock.advance(4 * 3600 + 1)
+    assert "mcn_inbound_calls_ringing" not in caller_totals(phones.samples()), "its leg expired"
+    phones.clock.advance(SETTLE)
+
+    totals = caller_totals(phones.samples())
+    assert totals["mcn_inbound_calls_total"] == {calls("expired"): 1}
+    assert "mcn_inbound_call_wait_seconds_count" not in totals
+    assert "mcn_missed_callers_waiting" not in totals
+
+
 # -- issue acceptance 5: no phone number leaves the exporter --------------------------------------
 
 
