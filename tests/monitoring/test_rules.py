@@ -35,6 +35,7 @@ from tests.monitoring.conftest import (
     variables,
     wait_until,
 )
+from tests.monitoring.test_dashboards import annotation_queries
 
 # SPEC §3: the exporter's metrics (names are fixed), and the samples they expose.
 SPEC_METRICS = {
@@ -188,6 +189,7 @@ def _referenced_expressions(with_variables: bool = True) -> list[tuple[str, str]
         dashboard = load_dashboard(path)
         for panel in iter_panels(dashboard["panels"]):
             found += [(f"{path.name} {panel['title']}", t["expr"]) for t in panel["targets"]]
+        found += [(f"{path.name} annotation", expr) for expr in annotation_queries(dashboard)]
         for var in variables(dashboard).values():
             # label_values() of a variable lists distinct values: replicas do not matter there.
             if var["type"] == "query" and with_variables:
