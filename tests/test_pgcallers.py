@@ -1,0 +1,589 @@
+"""The caller book in PostgreSQL, on its own: the same behaviour as the reference book, every
+query on an index, and replicas that never both make one caller's call or resolve one wait.
+
+Each step runs through `Callers` on a `MemoryCallerBook` and, in a transaction of its own, on
+a `PostgresCallerBook`; the tallies, the gauges and the records must come out the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import astuple, dataclass, replace
+from datetime import UTC, datetime
+from itertools import count
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+import psycopg
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exporter.callers import (
+    Callers,
+    CallerSettings,
+    InboundCall,
+    InboundLeg,
+    MemoryCallerBook,
+    WaitingCaller,
+)
+from exporter.legs import CallerTally, InboundCallSettled, MissedCallerResolved, Outcome
+from exporter.numbers import Lines
+from exporter.store.pgcallers import CALLER_SCHEMA, PostgresCallerBook
+
+if TYPE_CHECKING:
+    from tests.pgcluster import PgCluster
+
+pytest_plugins = ["tests.pgcluster"]
+pytestmark = pytest.mark.postgresql
+
+ACCOUNT = 1
+CALLER = "0903123456"
+MAIN = "0222202999"
+MONDAY = datetime(2026, 11, 23, 10, 0, tzinfo=UTC).timestamp()
+LINES = {ACCOUNT: Lines.from_config({MAIN: "Main line", "0850123456": "Sales"})}
+TIMEOUT = 30.0  # seconds a thread may take on the loaded test machine
+T = TypeVar("T")
+
+
+def digest(key: str) -> str:
+    return hmac.new(b"test key", key.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+CALLERS = Callers(CallerSettings(), LINES, digest)
+
+
+def create_tables(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        for statement in CALLER_SCHEMA.split(";"):
+            if statement.strip():
+                connection.execute(statement)
+
+
+@pytest.fixture
+def caller_db(postgres_url: str) -> str:
+    create_tables(postgres_url)
+    return postgres_url
+
+
+@pytest.fixture(scope="module")
+def shared_caller_db(postgres_cluster: PgCluster) -> str:
+    """One database for every example of a property test, emptied by each."""
+    url = postgres_cluster.create_database()
+    create_tables(url)
+    return url
+
+
+def empty(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("TRUNCATE inbound_call_legs, inbound_calls, waiting_callers")
+
+
+# -- the same behaviour as the reference book --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Records:
+    """A book's records without their ids, which each book numbers its own way."""
+
+    calls: Counter[tuple[Any, ...]]
+    legs: dict[int, tuple[Any, ...]]  # leg id -> its call
+    waiting: Counter[tuple[Any, ...]]
+
+
+def memory_records(book: MemoryCallerBook) -> Records:
+    calls = {call_id: _call_values(call) for call_id, call in book.calls.items()}
+    return Records(
+        Counter(calls.values()),
+        {leg: calls[call_id] for leg, call_id in book.legs.items()},
+        Counter(_waiting_values(waiting) for waiting in book.waiting.values()),
+    )
+
+
+CALL_VALUES = (
+    "c.account, c.line, c.call_id, c.caller, c.opened_at, c.first_ring_at, c.quiet_since,"
+    " c.open_legs, c.answered_at, c.expired"
+)
+READ_RECORDS = (
+    f"SELECT {CALL_VALUES} FROM inbound_calls c",
+    f"SELECT l.leg, {CALL_VALUES} FROM inbound_call_legs l JOIN inbound_calls c ON c.id = l.call",
+    "SELECT account, caller, line, first_missed_at, call_started_at FROM waiting_callers",
+)
+
+
+def postgres_records(connection: psycopg.Connection[Any]) -> Records:
+    calls, legs, waiting = (connection.execute(query).fetchall() for query in READ_RECORDS)
+    connection.commit()
+    return Records(
+        Counter(tuple(row) for row in calls),
+        {row[0]: tuple(row[1:]) for row in legs},
+        Counter(tuple(row) for row in waiting),
+    )
+
+
+def _call_values(call: InboundCall) -> tuple[Any, ...]:
+    return astuple(call)[:-1]  # all but the id
+
+
+def _waiting_values(waiting: WaitingCaller) -> tuple[Any, ...]:
+    return astuple(waiting)[:-1]
+
+
+class Twins:
+    """Drives the caller level on both books at once, on a hand-moved clock; every step must
+    give the same tallies, gauges and records on both."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self.connection = connection
+        self.memory = MemoryCallerBook()
+        self.now = MONDAY
+        self.tallies: list[CallerTally] = []
+        self._leg_ids = count(1)
+
+    def step(self, change: Callable[[Any], list[CallerTally]]) -> list[CallerTally]:
+        expected = change(self.memory)
+        got = change(PostgresCallerBook(self.connection))
+        self.connection.commit()
+        assert got == expected
+        self.tallies += got
+        self.check()
+        return got
+
+    def check(self) -> None:
+        book = PostgresCallerBook(self.connection)
+        got = CALLERS.gauges(book, self.now, [ACCOUNT])
+        self.connection.commit()
+        assert got == CALLERS.gauges(self.memory, self.now, [ACCOUNT])
+        assert postgres_records(self.connection) == memory_records(self.memory)
+
+    def ring(
+        self,
+        caller: str | None = CALLER,
+        line: str | None = MAIN,
+        call_id: str | None = None,
+        account: int = ACCOUNT,
+        rang: bool = True,
+    ) -> int:
+        leg = InboundLeg(next(self._leg_ids), account, call_id, caller, line, rang)
+        self.step(lambda book: CALLERS.on_leg_started(book, leg, self.now))
+        return leg.id
+
+    def answer(self, leg: int) -> None:
+        self.step(lambda book: CALLERS.on_leg_answered(book, leg, self.now))
+
+    def end(self, leg: int, outcome: Outcome, answered_at: float | None = None) -> None:
+        self.step(lambda book: CALLERS.on_leg_ended(book, leg, outcome, self.now, answered_at))
+
+    def call_out(self, number: str | None, answered: bool, account: int = ACCOUNT) -> None:
+        if answered:
+            self.step(lambda book: CALLERS.on_outbound_answered(book, account, number, self.now))
+        else:
+            self.step(lambda book: CALLERS.on_outbound_unanswered(book, account, number, self.now))
+
+    def after(self, seconds: float) -> None:
+        """Time passes; an event or a scrape then settles what is due."""
+        self.now += seconds
+        self.step(lambda book: CALLERS.settle(book, self.now))
+
+    def outcomes(self) -> Counter[str]:
+        return Counter(t.outcome.value for t in self.tallies if isinstance(t, InboundCallSettled))
+
+    def resolutions(self) -> Counter[str]:
+        return Counter(
+            t.resolution.value for t in self.tallies if isinstance(t, MissedCallerResolved)
+        )
+
+
+@pytest.fixture
+def twins(caller_db: str) -> Iterator[Twins]:
+    with psycopg.connect(caller_db) as connection:
+        yield Twins(connection)
+
+
+def missed_call(twins: Twins, caller: str | None = CALLER) -> None:
+    leg = twins.ring(caller)
+    twins.after(20)
+    twins.end(leg, Outcome.MISSED)
+    twins.after(30)
+
+
+def test_a_ring_group_nobody_answers_then_one_phone_answers(twins: Twins) -> None:
+    legs = [twins.ring() for _ in range(3)]
+    twins.after(20)
+    for leg in legs:
+        twins.end(leg, Outcome.MISSED)
+    twins.after(30)
+    assert twins.outcomes() == Counter({"missed": 1})
+    answered = {abon: twins.ring(call_id="ring-2") for abon in ("201", "202", "203")}
+    twins.after(8)
+    twins.answer(answered["202"])
+    twins.end(answered["201"], Outcome.CANCELLED)
+    twins.end(answered["203"], Outcome.CANCELLED)
+    twins.after(60)
+    twins.end(answered["202"], Outcome.ANSWERED)
+    twins.after(3600)
+    assert twins.outcomes() == Counter({"missed": 1, "answered": 1})
+    assert twins.resolutions() == Counter({"called_again": 1})
+    assert postgres_records(twins.connection) == Records(Counter(), {}, Counter())
+
+
+@pytest.mark.parametrize("call_id", [None, "call-1"])
+def test_a_hunt_group_and_a_caller_who_hangs_up(twins: Twins, call_id: str | None) -> None:
+    first = twins.ring(call_id=call_id)
+    twins.after(20)
+    twins.end(first, Outcome.MISSED)
+    twins.after(5)
+    second = twins.ring(call_id=call_id)
+    twins.after(6)
+    twins.end(second, Outcome.CANCELLED)
+    twins.after(11)
+    third = twins.ring(caller="+421 903 123 456")  # past the group window: another call
+    twins.after(2)
+    twins.end(third, Outcome.ANSWERED, answered_at=twins.now - 1)
+    assert twins.outcomes() == Counter({"missed": 1, "answered": 1})
+    assert twins.resolutions() == Counter({"called_again": 1})
+
+
+def test_a_call_id_whose_first_leg_lacks_the_number_is_one_call(twins: Twins) -> None:
+    first = twins.ring(caller=None, call_id="c-1")
+    second = twins.ring(call_id="c-1")
+    twins.after(10)
+    twins.end(first, Outcome.MISSED)
+    twins.end(second, Outcome.MISSED)
+    twins.after(30)
+    assert twins.outcomes() == Counter({"missed": 1})
+
+
+def test_missed_callers_called_back_again_and_given_up(twins: Twins) -> None:
+    missed_call(twins)
+    twins.after(570)
+    twins.call_out("+421 903 123 456", answered=True)
+    missed_call(twins, caller="0903222222")
+    twins.call_out("0903222222", answered=False)
+    missed_call(twins, caller="421903222222")  # missed again while waiting
+    twins.after(72 * 3600)
+    assert twins.resolutions() == Counter({"called_back": 1, "gave_up": 1})
+    leg = twins.ring(caller="0903333333", line="0850123456")
+    twins.end(leg, Outcome.CANCELLED)
+    twins.after(10)
+    twins.call_out("0903333333", answered=True)  # before the missed call settled
+    assert twins.resolutions()["called_back"] == 2
+
+
+def test_withheld_expired_unseen_and_other_accounts(twins: Twins) -> None:
+    missed_call(twins, caller=None)
+    missed_call(twins, caller="anonymous")
+    leg = twins.ring(caller="0903444444", rang=False)
+    twins.after(4 * 3600)
+    twins.end(leg, Outcome.EXPIRED)
+    twins.answer(999)
+    twins.end(999, Outcome.MISSED)
+    missed_call(twins, caller="0903555555")
+    twins.call_out("0903555555", answered=True, account=2)
+    twins.ring(account=2)
+    twins.ring(line="0850123456")
+    twins.ring(line=None)
+    twins.after(31)
+    assert twins.outcomes() == Counter({"missed": 3, "expired": 1})
+
+
+def test_numbers_are_kept_only_as_digests(twins: Twins) -> None:
+    missed_call(twins)
+    twins.ring(caller="0903987654", call_id="c-9")
+    with twins.connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT caller FROM inbound_calls UNION ALL SELECT caller FROM waiting_callers"
+        )
+        kept = {caller for (caller,) in cursor.fetchall()}
+    twins.connection.commit()
+    assert kept == {digest("903123456"), digest("903987654")}
+
+
+NUMBERS = [CALLER, "+421 903 123 456", "0903222222", None]
+LINE_NUMBERS = [MAIN, "0850123456", None]
+steps = st.one_of(
+    st.tuples(
+        st.just("ring"),
+        st.sampled_from(NUMBERS),
+        st.sampled_from(LINE_NUMBERS),
+        st.sampled_from([None, None, "a", "b"]),
+        st.booleans(),
+    ),
+    st.tuples(st.just("answer"), st.integers(0, 20)),
+    st.tuples(st.just("end"), st.integers(0, 20), st.sampled_from(list(Outcome))),
+    st.tuples(st.just("call_out"), st.sampled_from(NUMBERS), st.booleans()),
+    st.tuples(st.just("after"), st.sampled_from([1.0, 5.0, 11.0, 31.0, 3600.0, 72 * 3600.0])),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(script=st.lists(steps, max_size=30))
+def test_any_sequence_of_changes_gives_what_the_reference_book_gives(
+    shared_caller_db: str, script: list[tuple[Any, ...]]
+) -> None:
+    empty(shared_caller_db)
+    with psycopg.connect(shared_caller_db) as connection:
+        twins = Twins(connection)
+        legs: list[int] = []
+        for step in script:
+            match step:
+                case ("ring", number, line, call_id, rang):
+                    legs.append(twins.ring(number, line, call_id, rang=rang))
+                case ("answer", index) if legs:
+                    twins.answer(legs[index % len(legs)])
+                case ("end", index, outcome) if legs:
+                    twins.end(legs[index % len(legs)], outcome)
+                case ("call_out", number, answered):
+                    twins.call_out(number, answered)
+                case ("after", seconds):
+                    twins.after(seconds)
+
+
+# -- every query on an index --------------------------------------------------------------------
+
+
+RECORDED: list[tuple[str, Any]] = []
+
+
+def table_scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The nodes of a JSON plan that read a table or an index."""
+    if "Scan" in plan["Node Type"] and plan["Node Type"] not in (
+        "Subquery Scan",
+        "Bitmap Heap Scan",
+    ):
+        yield plan
+    for child in plan.get("Plans", ()):
+        yield from table_scans(child)
+
+
+class RecordingCursor(psycopg.Cursor[Any]):
+    """Remembers every statement, to explain the book's queries afterwards."""
+
+    def execute(
+        self,
+        query: Any,
+        params: Any = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> Self:
+        RECORDED.append((str(query), params))
+        return super().execute(query, params, prepare=prepare, binary=binary)
+
+
+def test_every_query_of_the_book_reads_an_index(caller_db: str) -> None:
+    RECORDED.clear()
+    with psycopg.connect(caller_db, cursor_factory=RecordingCursor) as connection:
+        twins = Twins(connection)
+        missed_call(twins)
+        missed_call(twins, caller=None)
+        missed_call(twins, caller="0903222222")  # never reached: given up
+        leg = twins.ring(call_id="c-1")
+        twins.answer(leg)
+        twins.end(leg, Outcome.ANSWERED)
+        twins.call_out(CALLER, answered=True)
+        twins.after(72 * 3600)
+    book_queries = {
+        query: params
+        for query, params in RECORDED
+        if query.startswith(("SELECT", "UPDATE", "DELETE"))
+        and "pg_advisory_xact_lock(" not in query  # taking a lock reads no table
+        and query not in READ_RECORDS  # the test's own
+    }
+    with psycopg.connect(caller_db) as connection:
+        connection.execute("SET enable_seqscan = off")  # still chosen when no index serves
+        for query, params in book_queries.items():
+            row = connection.execute(f"EXPLAIN (FORMAT JSON) {query}", params).fetchone()
+            assert row is not None
+            for scan in table_scans(row[0][0]["Plan"]):
+                # An index that narrows the rows down, or one that holds every column read.
+                served = "Index Cond" in scan or scan["Node Type"] == "Index Only Scan"
+                assert served, f"{query}\n{scan}"
+    assert len(book_queries) >= 16, sorted(book_queries)
+
+
+# -- replicas ------------------------------------------------------------------------------------
+
+
+def backend_pid(connection: psycopg.Connection[Any]) -> int:
+    return connection.info.backend_pid
+
+
+def wait_while_running(url: str, pid: int, thread: threading.Thread) -> None:
+    """Until the backend `pid` waits for a lock another transaction holds, or `thread` is done
+    (it did not need one)."""
+    deadline = time.monotonic() + TIMEOUT
+    with psycopg.connect(url, autocommit=True) as monitor:
+        while thread.is_alive() and time.monotonic() < deadline:
+            row = monitor.execute(
+                "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted", (pid,)
+            ).fetchone()
+            if row and row[0]:
+                return
+            time.sleep(0.05)
+
+
+class Replica:
+    """One replica's connection, handling one change at a time in its own thread."""
+
+    def __init__(self, url: str) -> None:
+        # A lock never granted fails the test rather than hang it.
+        self.connection = psycopg.connect(url, options="-c lock_timeout=30s")
+        self.pid = backend_pid(self.connection)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def run(self, change: Callable[[PostgresCallerBook], T]) -> T:
+        return change(PostgresCallerBook(self.connection))
+
+
+def one_after_the_other(
+    url: str,
+    first: tuple[Replica, Callable[[PostgresCallerBook], T]],
+    second: tuple[Replica, Callable[[PostgresCallerBook], T]],
+) -> tuple[T, T]:
+    """The first change holds its transaction open while the second runs on another
+    connection; the first commits once the second waits for a lock (or is done)."""
+    (one, change_one), (other, change_other) = first, second
+    done_one = one.run(change_one)
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def run_other() -> None:
+        try:
+            results.append(other.run(change_other))
+            other.connection.commit()
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run_other)
+    thread.start()
+    try:
+        wait_while_running(url, other.pid, thread)
+    finally:
+        one.connection.commit()
+        thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert not errors, errors
+    return done_one, results[0]
+
+
+@pytest.fixture
+def replicas(caller_db: str) -> Iterator[tuple[Replica, Replica]]:
+    pair = (Replica(caller_db), Replica(caller_db))
+    yield pair
+    for replica in pair:
+        replica.close()
+
+
+def ringing_and_waiting(url: str) -> tuple[int, int]:
+    with psycopg.connect(url) as connection:
+        calls = connection.execute("SELECT count(*) FROM inbound_calls").fetchone()
+        waiting = connection.execute("SELECT count(*) FROM waiting_callers").fetchone()
+    assert calls is not None
+    assert waiting is not None
+    return calls[0], waiting[0]
+
+
+@pytest.mark.parametrize(("first_caller", "call_id"), [(CALLER, None), (None, "ring-1")])
+def test_two_replicas_ringing_one_caller_make_one_call_and_one_waiting_caller(
+    caller_db: str,
+    replicas: tuple[Replica, Replica],
+    first_caller: str | None,
+    call_id: str | None,
+) -> None:
+    one, other = replicas
+    legs = [InboundLeg(leg, ACCOUNT, call_id, CALLER, MAIN) for leg in (201, 202)]
+    legs[0] = replace(legs[0], caller=first_caller)
+    one_after_the_other(
+        caller_db,
+        (one, lambda book: CALLERS.on_leg_started(book, legs[0], MONDAY)),
+        (other, lambda book: CALLERS.on_leg_started(book, legs[1], MONDAY)),
+    )
+    assert ringing_and_waiting(caller_db) == (1, 0)
+    one_after_the_other(
+        caller_db,
+        (one, lambda book: CALLERS.on_leg_ended(book, 201, Outcome.MISSED, MONDAY + 20)),
+        (other, lambda book: CALLERS.on_leg_ended(book, 202, Outcome.MISSED, MONDAY + 20)),
+    )
+    settled = one_after_the_other(
+        caller_db,
+        (one, lambda book: CALLERS.on_outbound_unanswered(book, ACCOUNT, CALLER, MONDAY + 25)),
+        (other, lambda book: CALLERS.on_outbound_unanswered(book, ACCOUNT, CALLER, MONDAY + 25)),
+    )
+    assert [len(tallies) for tallies in settled] == [2, 1], "missed once, two attempts"
+    assert ringing_and_waiting(caller_db) == (0, 1)
+    resolved = one_after_the_other(
+        caller_db,
+        (one, lambda book: CALLERS.on_outbound_answered(book, ACCOUNT, CALLER, MONDAY + 90)),
+        (other, lambda book: CALLERS.on_outbound_answered(book, ACCOUNT, CALLER, MONDAY + 90)),
+    )
+    assert [
+        [type(t).__name__ for t in tallies if isinstance(t, MissedCallerResolved)]
+        for tallies in resolved
+    ] == [["MissedCallerResolved"], []]
+    assert ringing_and_waiting(caller_db) == (0, 0)
+
+
+def test_the_end_of_a_leg_waits_for_the_change_holding_its_account(
+    caller_db: str, replicas: tuple[Replica, Replica]
+) -> None:
+    one, other = replicas
+    leg = InboundLeg(201, ACCOUNT, None, CALLER, MAIN)
+    one.run(lambda book: CALLERS.on_leg_started(book, leg, MONDAY))
+    one.connection.commit()
+    answered, ended = one_after_the_other(
+        caller_db,
+        (one, lambda book: CALLERS.on_leg_answered(book, 201, MONDAY + 5)),
+        (other, lambda book: CALLERS.on_leg_ended(book, 201, Outcome.ANSWERED, MONDAY + 9)),
+    )
+    assert len(answered) == 1
+    assert ended == [], "answered once, at the first answer"
+
+
+def test_a_sweep_skips_an_account_another_replica_holds_and_settles_it_later(
+    caller_db: str, replicas: tuple[Replica, Replica]
+) -> None:
+    one, other = replicas
+    leg = InboundLeg(201, ACCOUNT, None, CALLER, MAIN)
+    one.run(lambda book: CALLERS.on_leg_started(book, leg, MONDAY))
+    one.run(lambda book: CALLERS.on_leg_ended(book, 201, Outcome.MISSED, MONDAY + 20))
+    one.connection.commit()
+    other_caller = replace(leg, id=202, caller="0903999999")
+    one.run(lambda book: CALLERS.on_leg_started(book, other_caller, MONDAY + 60))
+    # The account is held: the sweep neither waits nor settles it.
+    assert other.run(lambda book: CALLERS.settle(book, MONDAY + 60)) == []
+    other.connection.commit()
+    one.connection.commit()
+    [missed] = other.run(lambda book: CALLERS.settle(book, MONDAY + 60))
+    other.connection.commit()
+    assert isinstance(missed, InboundCallSettled)
+    assert missed.outcome.value == "missed"
+    assert ringing_and_waiting(caller_db) == (1, 1)
+
+
+def test_a_rollback_to_a_savepoint_gives_up_the_lock_and_the_book_takes_it_again(
+    caller_db: str, replicas: tuple[Replica, Replica]
+) -> None:
+    one, other = replicas
+    leg = InboundLeg(201, ACCOUNT, None, CALLER, MAIN)
+    book = PostgresCallerBook(one.connection)  # one book for the whole transaction
+    one.connection.execute("SAVEPOINT before_leg")
+    CALLERS.on_leg_started(book, leg, MONDAY)
+    one.connection.execute("ROLLBACK TO SAVEPOINT before_leg")  # and the lock with it
+    started = one_after_the_other(
+        caller_db,
+        (one, lambda _book: CALLERS.on_leg_started(book, replace(leg, id=202), MONDAY)),
+        (other, lambda book: CALLERS.on_leg_started(book, replace(leg, id=203), MONDAY)),
+    )
+    assert started == ([], [])
+    with psycopg.connect(caller_db) as connection:
+        calls = connection.execute("SELECT open_legs FROM inbound_calls").fetchall()
+        legs = connection.execute("SELECT leg FROM inbound_call_legs ORDER BY leg").fetchall()
+    assert calls == [(2,)], "one call: the second replica saw the first's"
+    assert legs == [(202,), (203,)]
