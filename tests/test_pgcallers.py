@@ -567,6 +567,21 @@ def test_a_sweep_skips_an_account_another_replica_holds_and_settles_it_later(
     assert ringing_and_waiting(caller_db) == (1, 1)
 
 
+def test_a_sweep_the_store_holds_back_finds_nothing_due_until_it_may(caller_db: str) -> None:
+    leg = InboundLeg(201, ACCOUNT, None, CALLER, MAIN)
+    allowed = False
+    with psycopg.connect(caller_db) as connection:
+        book = PostgresCallerBook(connection, may_sweep=lambda: allowed)
+        CALLERS.on_leg_started(book, leg, MONDAY)
+        CALLERS.on_leg_ended(book, 201, Outcome.MISSED, MONDAY + 20)
+        assert CALLERS.settle(book, MONDAY + 100 * 3600) == []
+        allowed = True
+        assert [type(t).__name__ for t in CALLERS.settle(book, MONDAY + 100 * 3600)] == [
+            "InboundCallSettled",
+            "MissedCallerResolved",
+        ]
+
+
 def test_a_rollback_to_a_savepoint_gives_up_the_lock_and_the_book_takes_it_again(
     caller_db: str, replicas: tuple[Replica, Replica]
 ) -> None:

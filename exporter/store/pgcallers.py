@@ -24,18 +24,23 @@ runs after the lock is granted, so it sees what the lock's last holder committed
   call again: an account never changes, and the call may have settled meanwhile.
 - The settle sweeps (`calls_quiet_before`, `waiting_missed_before`) never wait: they try the
   locks of the accounts with something due and skip the accounts another transaction holds;
-  its holder or the next sweep settles them. So a sweep never deadlocks with events, which
-  wait for the lock of their one account only after their legs are locked.
+  its holder or the next sweep settles them.
 - The gauges' aggregates take no lock: each is one statement over committed rows.
 
-Transactions that change the legs of several accounts hold several account locks; they take
-them in the order of their events, so two such transactions can deadlock, which PostgreSQL
-detects and ends by failing one of them.
+Lock order. An event's change takes its leg locks, then its account's caller lock: two
+changes never wait for each other in a cycle through these locks. A sweep breaks that order
+if it runs before the change's leg locks (the tracker settles first): it may hold an
+account's lock, then wait for a leg lock whose holder waits for that account. So the store
+says, through `may_sweep`, when a sweep may take locks; when it may not, the sweep finds
+nothing due, and the next sweep that may (at the latest the scrape's, before the gauges and
+totals are read) settles what was due. The caller level needs no earlier sweep to be right:
+a leg of a caller whose call is over settles that call itself. Only a caller reached just
+after `callbacks.give_up_after`, before such a sweep, counts as reached, not given up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -108,8 +113,13 @@ class PostgresCallerBook:
     Records go in and out as copies, as `MemoryCallerBook`'s do: a change counts once saved.
     """
 
-    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+    def __init__(
+        self,
+        connection: psycopg.Connection[Any],
+        may_sweep: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._connection = connection
+        self._may_sweep = may_sweep
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -298,7 +308,9 @@ class PostgresCallerBook:
 
     def _lock_due_accounts(self, due: str, before: float) -> list[int]:
         """The accounts with a record `due` whose lock this transaction has or now gets;
-        the others are skipped, never waited for."""
+        the others are skipped, never waited for. None at all when sweeps may not lock now."""
+        if not self._may_sweep():
+            return []
         key = _ACCOUNT_KEY.format(account="account")
         rows = self._connection.execute(
             f"SELECT account FROM (SELECT DISTINCT account {due}) AS due"
