@@ -12,7 +12,7 @@ import hmac
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import astuple, dataclass, replace
 from datetime import UTC, datetime
 from itertools import count
@@ -33,7 +33,7 @@ from exporter.callers import (
 )
 from exporter.legs import CallerTally, InboundCallSettled, MissedCallerResolved, Outcome
 from exporter.numbers import Lines
-from exporter.store.pgcallers import CALLER_SCHEMA, PostgresCallerBook
+from exporter.store.pgcallers import CALLER_SCHEMA, OwnLocks, PostgresCallerBook
 
 if TYPE_CHECKING:
     from tests.pgcluster import PgCluster
@@ -567,19 +567,35 @@ def test_a_sweep_skips_an_account_another_replica_holds_and_settles_it_later(
     assert ringing_and_waiting(caller_db) == (1, 1)
 
 
+class HeldBack(OwnLocks):
+    """Sweeps wait for the store's word."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        super().__init__(connection)
+        self.allowed = False
+        self.swept_accounts: list[list[int]] = []
+
+    def may_sweep(self) -> bool:
+        return self.allowed
+
+    def swept(self, accounts: Iterable[int]) -> None:
+        self.swept_accounts.append(list(accounts))
+
+
 def test_a_sweep_the_store_holds_back_finds_nothing_due_until_it_may(caller_db: str) -> None:
     leg = InboundLeg(201, ACCOUNT, None, CALLER, MAIN)
-    allowed = False
     with psycopg.connect(caller_db) as connection:
-        book = PostgresCallerBook(connection, may_sweep=lambda: allowed)
+        locks = HeldBack(connection)
+        book = PostgresCallerBook(connection, locks)
         CALLERS.on_leg_started(book, leg, MONDAY)
         CALLERS.on_leg_ended(book, 201, Outcome.MISSED, MONDAY + 20)
         assert CALLERS.settle(book, MONDAY + 100 * 3600) == []
-        allowed = True
+        locks.allowed = True
         assert [type(t).__name__ for t in CALLERS.settle(book, MONDAY + 100 * 3600)] == [
             "InboundCallSettled",
             "MissedCallerResolved",
         ]
+        assert locks.swept_accounts == [[ACCOUNT], [ACCOUNT]], "told of both sweeps' locks"
 
 
 def test_a_rollback_to_a_savepoint_gives_up_the_lock_and_the_book_takes_it_again(

@@ -17,9 +17,7 @@ runs after the lock is granted, so it sees what the lock's last holder committed
   call is reached under two digests; `call_of_leg` does not know the caller before it reads
   the call; and the settle sweeps take calls of every caller. The account is known or read
   first in each case, so the lock is per account; an account's caller changes take turns.
-- The lock is taken again by every statement group that needs it (sent in the same round trip
-  as the statement), never remembered: a rollback to a savepoint releases advisory locks taken
-  since it, and taking a lock one already holds costs nothing more.
+- The lock goes in the same round trip as the statement that needs it (a pipeline).
 - `call_of_leg` reads the account of the leg's call first, then takes the lock and reads the
   call again: an account never changes, and the call may have settled meanwhile.
 - The settle sweeps (`calls_quiet_before`, `waiting_missed_before`) never wait: they try the
@@ -27,21 +25,22 @@ runs after the lock is granted, so it sees what the lock's last holder committed
   its holder or the next sweep settles them.
 - The gauges' aggregates take no lock: each is one statement over committed rows.
 
-Lock order. An event's change takes its leg locks, then its account's caller lock: two
-changes never wait for each other in a cycle through these locks. A sweep breaks that order
-if it runs before the change's leg locks (the tracker settles first): it may hold an
-account's lock, then wait for a leg lock whose holder waits for that account. So the store
-says, through `may_sweep`, when a sweep may take locks; when it may not, the sweep finds
-nothing due, and the next sweep that may (at the latest the scrape's, before the gauges and
-totals are read) settles what was due. The caller level needs no earlier sweep to be right:
-a leg of a caller whose call is over settles that call itself. Only a caller reached just
-after `callbacks.give_up_after`, before such a sweep, counts as reached, not given up.
+Lock order. The store decides how the locks are taken, through `CallerLocks`: alone (the
+default, `OwnLocks`), the book takes them as above. A store that batches changes, or whose
+changes take other locks, takes an account's lock where its order of locks wants it, and
+says when a sweep may take any: a sweep that runs before a change's other locks (the tracker
+settles first) would hold accounts' locks while that change waits for its others, whose
+holders may wait for those accounts. A sweep that may not lock finds nothing due; the next
+one that may (at the latest the scrape's, before the gauges and totals are read) settles it.
+The caller level needs no earlier sweep to be right: a leg of a caller whose call is over
+settles that call itself. Only a caller reached just after `callbacks.give_up_after`, before
+such a sweep, counts as reached rather than given up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
 import psycopg
 
@@ -97,7 +96,10 @@ CREATE INDEX IF NOT EXISTS waiting_callers_earliest
 # The account's lock key: its low 32 bits as a signed int, so that accounts below 2**32 never
 # share a lock. The same expression for one account (a parameter) and in the sweeps (a column).
 _ACCOUNT_KEY = "((({account}::bigint & 4294967295) # 2147483648) - 2147483648)::int"
-_LOCK_ACCOUNT = f"SELECT pg_advisory_xact_lock({CALLER_LOCKS}, {_ACCOUNT_KEY.format(account='%s')})"
+LOCK_CALLERS = f"SELECT pg_advisory_xact_lock({CALLER_LOCKS}, {_ACCOUNT_KEY.format(account='%s')})"
+TRY_LOCK_CALLERS = (
+    f"SELECT pg_try_advisory_xact_lock({CALLER_LOCKS}, {_ACCOUNT_KEY.format(account='%s')})"
+)
 
 _CALL_COLUMNS = (
     "id, account, line, call_id, caller, opened_at, first_ring_at, quiet_since, open_legs,"
@@ -105,6 +107,38 @@ _CALL_COLUMNS = (
 )
 _WAITING_COLUMNS = "id, account, caller, line, first_missed_at, call_started_at"
 _OLDEST_FIRST = "ORDER BY opened_at, id"
+
+
+class CallerLocks(Protocol):
+    """How a book's transaction takes the accounts' caller locks."""
+
+    def lock_callers(self, account: int) -> None:
+        """Before the account's caller records are read or written: its lock, taken (or
+        queued on the connection, ahead of the statement that needs it) unless held."""
+
+    def may_sweep(self) -> bool:
+        """Whether a settle sweep may now try the locks of the accounts with something due."""
+
+    def swept(self, accounts: Iterable[int]) -> None:
+        """A sweep now holds these accounts' locks."""
+
+
+class OwnLocks:
+    """The locks of a transaction that takes no other lock: each taken where it is needed."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self._connection = connection
+
+    def lock_callers(self, account: int) -> None:
+        # Taken again every time, never remembered: a rollback to a savepoint releases the
+        # advisory locks taken since it, and taking one already held costs nothing more.
+        self._connection.execute(LOCK_CALLERS, (account,))
+
+    def may_sweep(self) -> bool:
+        return True
+
+    def swept(self, accounts: Iterable[int]) -> None:
+        pass
 
 
 class PostgresCallerBook:
@@ -116,10 +150,10 @@ class PostgresCallerBook:
     def __init__(
         self,
         connection: psycopg.Connection[Any],
-        may_sweep: Callable[[], bool] = lambda: True,
+        locks: CallerLocks | None = None,
     ) -> None:
         self._connection = connection
-        self._may_sweep = may_sweep
+        self._locks = OwnLocks(connection) if locks is None else locks
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -297,19 +331,19 @@ class PostgresCallerBook:
     def _locked_read(self, account: int, query: str, params: tuple[Any, ...]) -> list[Any]:
         """`query`'s rows, read once the account's lock is granted (one round trip)."""
         with self._connection.pipeline():
-            self._connection.execute(_LOCK_ACCOUNT, (account,))
+            self._locks.lock_callers(account)
             cursor = self._connection.execute(query, params)
         return cursor.fetchall()
 
     def _locked_write(self, account: int, statement: str, params: tuple[Any, ...]) -> None:
         with self._connection.pipeline():
-            self._connection.execute(_LOCK_ACCOUNT, (account,))
+            self._locks.lock_callers(account)
             self._connection.execute(statement, params)
 
     def _lock_due_accounts(self, due: str, before: float) -> list[int]:
         """The accounts with a record `due` whose lock this transaction has or now gets;
         the others are skipped, never waited for. None at all when sweeps may not lock now."""
-        if not self._may_sweep():
+        if not self._locks.may_sweep():
             return []
         key = _ACCOUNT_KEY.format(account="account")
         rows = self._connection.execute(
@@ -317,7 +351,9 @@ class PostgresCallerBook:
             f" WHERE pg_try_advisory_xact_lock({CALLER_LOCKS}, {key})",
             (before,),
         ).fetchall()
-        return [account for (account,) in rows]
+        accounts = [account for (account,) in rows]
+        self._locks.swept(accounts)
+        return accounts
 
 
 def _call(row: Any) -> InboundCall:
