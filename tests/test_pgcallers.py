@@ -33,7 +33,13 @@ from exporter.callers import (
 )
 from exporter.legs import CallerTally, InboundCallSettled, MissedCallerResolved, Outcome
 from exporter.numbers import Lines
-from exporter.store.pgcallers import CALLER_SCHEMA, OwnLocks, PostgresCallerBook
+from exporter.store.pgcallers import (
+    CALLER_SCHEMA,
+    LOCK_CALLERS,
+    TRY_LOCK_CALLERS,
+    OwnLocks,
+    PostgresCallerBook,
+)
 
 if TYPE_CHECKING:
     from tests.pgcluster import PgCluster
@@ -580,6 +586,18 @@ class HeldBack(OwnLocks):
 
     def swept(self, accounts: Iterable[int]) -> None:
         self.swept_accounts.append(list(accounts))
+
+
+def test_a_store_tries_the_locks_of_several_accounts_at_once(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    one, other = replicas
+    one.connection.execute(LOCK_CALLERS, (2,))
+    got = other.connection.execute(TRY_LOCK_CALLERS, ([1, 2, 2**40 + 3],)).fetchall()
+    assert got == [(1,), (2**40 + 3,)]
+    one.connection.commit()
+    assert other.connection.execute(TRY_LOCK_CALLERS, ([2],)).fetchall() == [(2,)]
+    other.connection.commit()
 
 
 def test_a_sweep_the_store_holds_back_finds_nothing_due_until_it_may(caller_db: str) -> None:

@@ -97,8 +97,10 @@ CREATE INDEX IF NOT EXISTS waiting_callers_earliest
 # share a lock. The same expression for one account (a parameter) and in the sweeps (a column).
 _ACCOUNT_KEY = "((({account}::bigint & 4294967295) # 2147483648) - 2147483648)::int"
 LOCK_CALLERS = f"SELECT pg_advisory_xact_lock({CALLER_LOCKS}, {_ACCOUNT_KEY.format(account='%s')})"
+# Of the accounts in an array, those whose lock this transaction has or gets without waiting.
 TRY_LOCK_CALLERS = (
-    f"SELECT pg_try_advisory_xact_lock({CALLER_LOCKS}, {_ACCOUNT_KEY.format(account='%s')})"
+    "SELECT account FROM unnest(%s::bigint[]) AS account"
+    f" WHERE pg_try_advisory_xact_lock({CALLER_LOCKS}, {_ACCOUNT_KEY.format(account='account')})"
 )
 
 _CALL_COLUMNS = (
