@@ -65,7 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         help="send realistic traffic; print the ground truth, or --verify /metrics against it",
     )
     simulate.add_argument(
-        "--url", required=True, help="the webhook URL, e.g. http://host:9880/webhook"
+        "--url",
+        required=True,
+        action="append",
+        help="the webhook URL, e.g. http://host:9880/webhook; once per replica of a shared "
+        "store: each event goes to one at random, a retry to the next",
     )
     simulate.add_argument(
         "--config", help="config with the accounts, secrets and extensions to use"
@@ -83,12 +87,33 @@ def _parser() -> argparse.ArgumentParser:
         "--pace", type=float, default=0.2, help="longest ring or talk pause in seconds (0.2)"
     )
     simulate.add_argument(
+        "--copies",
+        type=_ratio,
+        default=0.0,
+        help="share of events also sent, at the same moment, to a second --url (0)",
+    )
+    simulate.add_argument(
         "--verify",
         action="store_true",
         help="read /metrics before and after; exit 1 unless it moved exactly by the ground truth",
     )
     simulate.add_argument(
         "--metrics-url", help="the /metrics to verify (default: /metrics on the --url host)"
+    )
+    simulate.add_argument(
+        "--settle",
+        type=_seconds,
+        default=30.0,
+        help="the exporter's callers.settle in seconds (30): call-backs wait that long after "
+        "the missed call",
+    )
+    simulate.add_argument(
+        "--line",
+        type=_line,
+        action="append",
+        default=[],
+        metavar="NAME=NUMBER",
+        help="a company line of every account (default: the config's accounts[].lines)",
     )
     simulate.set_defaults(run=_simulate)
     return parser
@@ -120,7 +145,7 @@ def _check_config(args: argparse.Namespace) -> int:
     extensions = sum(len(numbers) for numbers in config.extensions.values())
     print(
         f"{path}: OK ({len(config.accounts)} account(s), {extensions} extension(s), "
-        f"store {config.store.path})"
+        f"store {config.store.describe()})"
     )
     for account in config.accounts.values():
         if account.hours is not None:
@@ -173,7 +198,9 @@ def _simulate(args: argparse.Namespace) -> int:
     from exporter.simulate import Options, SimulationError, simulate
 
     options = Options(
-        url=args.url,
+        url=args.url[0],
+        other_urls=tuple(args.url[1:]),
+        copies=args.copies,
         calls=args.calls,
         rate=args.rate,
         seed=args.seed,
@@ -182,6 +209,8 @@ def _simulate(args: argparse.Namespace) -> int:
         pace=args.pace,
         verify=args.verify,
         metrics_url=args.metrics_url,
+        settle=args.settle,
+        lines={account: dict(args.line) for account in config.accounts} if args.line else {},
     )
     try:
         result = simulate(config, options)
@@ -234,6 +263,21 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a number of seconds, 0 or more")
+    return value
+
+
+def _line(text: str) -> tuple[str, str]:
+    """NAME=NUMBER as (number, name), the way accounts[].lines maps them."""
+    name, sep, number = text.rpartition("=")
+    if not sep or not name or not any(c.isdigit() for c in number):
+        raise argparse.ArgumentTypeError("must be NAME=NUMBER, e.g. 'Main line=0222202999'")
+    return number, name
 
 
 def _ratio(text: str) -> float:

@@ -28,6 +28,13 @@ LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+POSTGRESQL_URL = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
+# libpq's other form: keyword=value pairs, values bare or in single quotes.
+CONNINFO = re.compile(r"\s*(?:[a-z_]+\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^\s']+)\s*)+", re.IGNORECASE)
+# Up to the last @ before the path: libpq's reading of a password that holds an @ unescaped.
+URL_PASSWORD = re.compile(r"(://[^:@/?#]*:)[^/?#]*(?=@)")
+QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s']+)", re.IGNORECASE)
 # The provider's documentation uses this secret in every example: anyone can post with it.
 EXAMPLE_SECRET = "SecretToken"
 
@@ -75,7 +82,15 @@ class CallsConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
+    """SQLite at `path`, unless `url` names a PostgreSQL database (shared by replicas)."""
+
     path: str = "./data/mcn-exporter.sqlite3"
+    url: str | None = field(default=None, repr=False)  # may hold a password
+    password: str | None = field(default=None, repr=False)  # from store.password_file
+
+    def describe(self) -> str:
+        """The store for logs and messages: the SQLite path, or the URL without its password."""
+        return self.path if self.url is None else mask_password(self.url)
 
 
 @dataclass(frozen=True)
@@ -438,11 +453,42 @@ class _Reader:
         )
 
     def store(self, doc: object) -> StoreConfig:
-        section = self.section(doc, "store", {"path"})
-        path = self.value(section, "store.path", str, StoreConfig().path)
-        if not path:
-            self.error("store.path", "must not be empty")
-        return StoreConfig(path=path)
+        section = self.section(doc, "store", {"path", "url", "password_file"})
+        if section.get("url") is None:
+            if section.get("password_file") is not None:
+                self.error("store.password_file", "only with store.url (a PostgreSQL store)")
+            path = self.value(section, "store.path", str, StoreConfig().path)
+            if not path:
+                self.error("store.path", "must not be empty")
+            return StoreConfig(path=path)
+        if section.get("path") is not None:
+            self.error(
+                "store.url",
+                "give either store.path (SQLite) or store.url (PostgreSQL), not both",
+            )
+        url = self.postgresql_url(section.get("url"))
+        password = None
+        if section.get("password_file") is not None:
+            password = self.secret_from_file(section["password_file"], "store.password_file")
+            if url is not None and _has_password(url):
+                self.error("store.password_file", "store.url holds a password already")
+        return StoreConfig(url=url, password=password)
+
+    def postgresql_url(self, raw: object) -> str | None:
+        url = self.text(raw, "store.url", 'url: "postgresql://mcn@db.example:5432/mcn"')
+        if url is None:
+            return None
+        url = url.strip()
+        if POSTGRESQL_URL.match(url):
+            return url
+        if CONNINFO.fullmatch(url):
+            return url
+        self.error(
+            "store.url",
+            "must be a postgresql:// URL or a libpq key=value string such as "
+            f"'host=db.example dbname=mcn', not {mask_password(url)!r}",
+        )
+        return None
 
     def metrics(self, doc: object) -> MetricsConfig:
         default = MetricsConfig()
@@ -589,6 +635,17 @@ class _Reader:
             self.error(path, f"must be above the bound before it ({previous:g}), not {value!r}")
             return None
         return bound
+
+
+def mask_password(url: str) -> str:
+    """A libpq URL or key=value string with its password, wherever it is, replaced by ****."""
+    for pattern in (URL_PASSWORD, QUERY_PASSWORD, CONNINFO_PASSWORD):
+        url = pattern.sub(r"\g<1>****", url)
+    return url
+
+
+def _has_password(url: str) -> bool:
+    return mask_password(url) != url
 
 
 def _parse_duration(raw: object) -> float | None:

@@ -46,16 +46,16 @@ def run(config: Config, bind: str | None = None, workers: int | None = None) -> 
         return EXIT_STARTUP_ERROR
     master_pid = os.getpid()
     try:
-        initialise_store(config)
+        store_prepared = initialise_store(config)
         options = gunicorn_options(config, bind, workers)
         log.info(
             "serving on %s with %d worker(s); call store %s",
             options["bind"],
             options["workers"],
-            config.store.path,
+            config.store.describe(),
         )
         _warn_on_example_secret(config)
-        ExporterApplication(config, metrics_dir.path, options).run()
+        ExporterApplication(config, metrics_dir.path, options, store_prepared).run()
     except StartupError as exc:
         log.error("%s", exc)
         return EXIT_STARTUP_ERROR
@@ -105,10 +105,17 @@ def gunicorn_options(config: Config, bind: str | None, workers: int | None) -> d
 
 
 class ExporterApplication(BaseApplication):  # type: ignore[misc]
-    def __init__(self, config: Config, metrics_dir: str, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        metrics_dir: str,
+        options: dict[str, Any],
+        store_prepared: bool = False,
+    ) -> None:
         self._config = config
         self._metrics_dir = metrics_dir
         self._options = options
+        self._store_prepared = store_prepared
         self._deps: Deps | None = None
         super().__init__()
 
@@ -126,7 +133,9 @@ class ExporterApplication(BaseApplication):  # type: ignore[misc]
         from exporter.app import create_app
 
         configure_logging(self._config.logging)
-        self._deps = build_deps(self._config, multiprocess_dir=self._metrics_dir)
+        self._deps = build_deps(
+            self._config, multiprocess_dir=self._metrics_dir, store_prepared=self._store_prepared
+        )
         return create_app(self._deps)
 
     def run(self) -> None:

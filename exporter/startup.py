@@ -6,9 +6,11 @@
    multiprocess mode at import, so the modules that import it are imported after this step).
 3. store: `initialise_store`, in the master: the schema, the zero series and the reserved
    extensions, created once before any worker exists, so that workers never race to make them.
+   A PostgreSQL store that cannot be reached is logged and left to the workers, which open it
+   (and create these) as soon as it answers; until then they answer 503 and `/readyz` 503.
 4. fork: gunicorn forks the workers (`exporter.server`); each is tied to its master's life.
-5. per-worker deps: `build_deps`, in each worker after the fork, since SQLite connections and
-   prometheus_client's files belong to one process.
+5. per-worker deps: `build_deps`, in each worker after the fork, since SQLite connections,
+   PostgreSQL connection pools and prometheus_client's files belong to one process.
 6. app: `exporter.app.create_app(deps)`.
 
 At a worker's exit its store is closed (`exporter.server`), committing the changes it holds;
@@ -30,15 +32,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exporter.calls import CallTracker, Clock, TrackerSettings
-from exporter.config import Config
+from exporter.config import Config, StoreConfig, mask_password
 from exporter.events import WebhookParser
 from exporter.legs import TallyLayout
-from exporter.store import SqliteCallStore, StoreIncompatible, StoreSeed, StoreUnavailable
+from exporter.store import (
+    CallStore,
+    SqliteCallStore,
+    StoreIncompatible,
+    StoreSeed,
+    StoreUnavailable,
+)
+from exporter.store.deferred import DeferredStore
 
 if TYPE_CHECKING:
     from exporter.app import Deps
+    from exporter.store.postgresql import PostgresCallStore
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+POSTGRESQL_EXTRA = "pip install 'mcn-exporter[postgresql]'"
 log = logging.getLogger("exporter.startup")
 
 
@@ -128,27 +139,157 @@ def store_lock_timeout(config: Config) -> float:
     return config.server.timeout / 4
 
 
-def initialise_store(config: Config) -> None:
-    """The schema and the zero series, once, in the master, before workers fork.
+@dataclass(frozen=True)
+class PostgresTimeouts:
+    """How long a request may wait for a PostgreSQL connection, and for each statement.
 
-    A store that cannot be opened is a StartupError naming the file and what to do.
+    Shares of server.timeout, so that no request outlasts it: a webhook is about five round
+    trips, of which one or two at most wait on a lock, and a connection is waited for once
+    (a replica that is still opening its store waits for that once more).
     """
+
+    connect: float
+    statement: float
+
+    @classmethod
+    def within(cls, server_timeout: float) -> PostgresTimeouts:
+        return cls(
+            connect=min(5.0, max(1.0, server_timeout / 10)),
+            statement=max(0.5, server_timeout / 6),
+        )
+
+
+def open_store(config: Config, layout: TallyLayout, prepared: bool = False) -> CallStore:
+    """The configured call store, for this process alone: SQLite's file, or a PostgreSQL
+    connection pool, which never crosses a fork (each worker opens its own).
+
+    A PostgreSQL store is opened at its first use that finds the database up, and prepared
+    then (`prepare_store`) unless `prepared` says the master did it: a worker starts, and
+    answers 503, while the database is down.
+    """
+    if config.store.url is None:
+        return SqliteCallStore(
+            Path(config.store.path),
+            layout,
+            store_seed(config, layout),
+            lock_timeout=store_lock_timeout(config),
+        )
+    backend = _postgresql_backend()
+    conninfo = postgresql_conninfo(config.store)
+    timeouts = PostgresTimeouts.within(config.server.timeout)
+
+    def connect() -> CallStore:
+        return backend(
+            conninfo,
+            layout,
+            connect_timeout=timeouts.connect,
+            statement_timeout=timeouts.statement,
+            # One connection per request thread: a request never waits for another's.
+            max_connections=config.server.threads,
+        )
+
+    def prepare(store: CallStore) -> None:
+        if not prepared:
+            prepare_store(config, store)
+
+    return DeferredStore(connect, layout, prepare, wait=timeouts.connect)
+
+
+def _postgresql_backend() -> type[PostgresCallStore]:
+    try:
+        from exporter.store.postgresql import PostgresCallStore
+    except ImportError as exc:
+        raise StartupError(
+            f"store.url names a PostgreSQL store, which needs psycopg ({exc}): "
+            f"install the exporter with its PostgreSQL extra: {POSTGRESQL_EXTRA}"
+        ) from exc
+    return PostgresCallStore
+
+
+def postgresql_conninfo(store: StoreConfig) -> str:
+    """store.url with the password of store.password_file added, checked as libpq reads it."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import make_conninfo
+
+    assert store.url is not None
+    extra = {} if store.password is None else {"password": store.password}
+    try:
+        return make_conninfo(store.url, **extra)
+    except ProgrammingError as exc:
+        reason = mask_password(" ".join(str(exc).split()))
+        if store.password:
+            reason = reason.replace(store.password, "****")
+        raise StartupError(f"store.url: libpq cannot read {store.describe()!r}: {reason}") from exc
+
+
+def prepare_store(config: Config, store: CallStore) -> None:
+    """The zero series and the reserved extensions: each created unless it exists."""
     from exporter.metrics import initial_rows
 
+    store.ensure_rows(initial_rows(config, store.layout))
+    for account, extensions in config.extensions.items():
+        store.reserve_extensions(account, extensions)
+
+
+def initialise_store(config: Config) -> bool:
+    """The schema and the zero series, once, in the master, before workers fork.
+
+    A store that cannot be used is a StartupError naming it and what to do. A PostgreSQL store
+    that cannot be reached is logged, and False returned: the workers prepare it once it can be.
+    """
     layout = tally_layout(config)
+    if config.store.url is not None:
+        return _initialise_postgresql(config, layout)
     path = Path(config.store.path)
     try:
-        store = SqliteCallStore(
-            path, layout, store_seed(config, layout), lock_timeout=store_lock_timeout(config)
-        )
+        store = open_store(config, layout)
         try:
-            store.ensure_rows(initial_rows(config, layout))
-            for account, extensions in config.extensions.items():
-                store.reserve_extensions(account, extensions)
+            prepare_store(config, store)
         finally:
             store.close()
     except (StoreUnavailable, sqlite3.DatabaseError, OSError) as exc:
         raise StartupError(_store_error(path, exc)) from exc
+    return True
+
+
+def _initialise_postgresql(config: Config, layout: TallyLayout) -> bool:
+    """Opening the store creates or checks the schema, then prepares it.
+
+    Not reaching the server (down, restarting, refusing this user or database) does not stop
+    the exporter: replicas come up not ready and recover on their own, as after an outage
+    later on. A schema this exporter cannot read does stop it: no waiting mends that.
+    """
+    store = open_store(config, layout)
+    try:
+        store.ping()
+        return True
+    except StoreUnavailable as exc:
+        reason = " ".join(str(exc).split())
+        if not _server_not_reached(exc):
+            raise StartupError(
+                f"call store {config.store.describe()} cannot be used: {reason}"
+            ) from exc
+        log.error(
+            "call store %s cannot be reached: %s; starting anyway: webhooks and /readyz answer "
+            "503 until it can be",
+            config.store.describe(),
+            reason,
+        )
+        return False
+    finally:
+        store.close()
+
+
+def _server_not_reached(exc: BaseException) -> bool:
+    """The error came from connecting or talking to PostgreSQL, not from what it holds."""
+    import psycopg  # its pool's PoolTimeout is one of psycopg's errors too
+
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, psycopg.Error):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _store_error(path: Path, exc: Exception) -> str:
@@ -172,19 +313,19 @@ def _is_damaged_file(exc: BaseException | None) -> bool:
 
 
 def build_deps(
-    config: Config, clock: Clock = time.time, multiprocess_dir: str | None = None
+    config: Config,
+    clock: Clock = time.time,
+    multiprocess_dir: str | None = None,
+    store_prepared: bool = False,
 ) -> Deps:
-    """One worker's parts: its own store connections, metrics and call tracker."""
+    """One worker's parts: its own store connections, metrics and call tracker.
+
+    `store_prepared`: initialise_store made the zero series, so the worker need not.
+    """
     from exporter.app import Deps
     from exporter.metrics import build_metrics
 
-    layout = tally_layout(config)
-    store = SqliteCallStore(
-        Path(config.store.path),
-        layout,
-        store_seed(config, layout),
-        lock_timeout=store_lock_timeout(config),
-    )
+    store = open_store(config, tally_layout(config), prepared=store_prepared)
     rejections, scrape = build_metrics(store, config, multiprocess_dir, clock)
     settings = TrackerSettings(
         max_duration=config.calls.max_duration,

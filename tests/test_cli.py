@@ -245,3 +245,16 @@ def test_check_config_reports_hours_errors_by_key_path(tmp_path: Path) -> None:
         "config.yaml: accounts[1].hours.open.sun-thu: bad range 'late': write HH:MM-HH:MM, "
         "e.g. 08:00-12:00",
     ]
+
+
+def test_check_config_names_a_postgresql_store_without_its_password(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(
+        "accounts:\n  - id: 10123\n    secret: own\n"
+        "store:\n  url: postgresql://mcn:hunter2@db.example:5432/mcn\n"
+    )
+    result = mcn_exporter("check-config", cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (
+        "config.yaml: OK (1 account(s), 0 extension(s), "
+        "store postgresql://mcn:****@db.example:5432/mcn)\n"
+    )

@@ -13,10 +13,12 @@ from exporter.config import (
     DEFAULT_RING_BUCKETS,
     Config,
     ConfigError,
+    StoreConfig,
     example_secret_accounts,
     find_config_path,
     load_config,
     locate_config,
+    mask_password,
     parse_config,
 )
 from exporter.hours import ALWAYS_OPEN, parse_hours
@@ -464,3 +466,112 @@ def test_trusted_proxies_are_addresses_or_networks(tmp_path: Path) -> None:
     assert errors_of({**document, "server": {"trusted_proxies": "127.0.0.1"}}) == [
         "server.trusted_proxies: must be a list of addresses or networks, not a string"
     ]
+
+
+# -- the PostgreSQL store ----------------------------------------------------------------------
+
+
+def store_of(store: dict[str, Any], base_dir: Path = Path()) -> StoreConfig:
+    return parse_config({**MINIMAL, "store": store}, base_dir).store
+
+
+def test_without_a_url_the_store_is_the_sqlite_file_as_before() -> None:
+    store = parse_config(MINIMAL).store
+    assert store == StoreConfig(path="./data/mcn-exporter.sqlite3")
+    assert store.url is None
+    assert store.describe() == "./data/mcn-exporter.sqlite3"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://mcn@db.example:5432/mcn",
+        "postgres://mcn@db.example/mcn?sslmode=require",
+        "postgresql:///mcn?host=/var/run/postgresql",
+        "postgresql://mcn@db1.example:5432,db2.example:5432/mcn?target_session_attrs=read-write",
+        "host=db.example port=5432 dbname=mcn user=mcn",
+        "host=db.example dbname=mcn application_name='mcn exporter'",
+    ],
+)
+def test_a_postgresql_url_or_conninfo_is_taken_as_written(url: str) -> None:
+    store = store_of({"url": url})
+    assert store.url == url
+    assert store.password is None
+
+
+def test_the_url_may_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCN_TEST_DB_PASSWORD", "s3cret")
+    store = store_of({"url": "postgresql://mcn:${MCN_TEST_DB_PASSWORD}@db.example/mcn"})
+    assert store.url == "postgresql://mcn:s3cret@db.example/mcn"
+    assert store.describe() == "postgresql://mcn:****@db.example/mcn"
+
+
+def test_the_password_file_sets_the_password_without_a_line_end(tmp_path: Path) -> None:
+    (tmp_path / "db-password").write_text("pa ss=word\n")
+    store = store_of({"url": "postgresql://mcn@db/mcn", "password_file": "db-password"}, tmp_path)
+    assert store.password == "pa ss=word"
+    assert store.describe() == "postgresql://mcn@db/mcn"
+
+
+def test_no_password_shows_in_the_repr_nor_in_the_description(tmp_path: Path) -> None:
+    (tmp_path / "db-password").write_text("from-the-file")
+    with_file = store_of({"url": "host=db dbname=mcn", "password_file": "db-password"}, tmp_path)
+    in_url = store_of({"url": "postgresql://mcn:in-the-url@db/mcn"})
+    in_query = store_of({"url": "postgresql://mcn@db/mcn?sslmode=require&password=in-the-query"})
+    in_conninfo = store_of({"url": "host=db password='in conninfo' dbname=mcn"})
+    for store, password in [
+        (with_file, "from-the-file"),
+        (in_url, "in-the-url"),
+        (in_query, "in-the-query"),
+        (in_conninfo, "in conninfo"),
+    ]:
+        assert password not in repr(store)
+        assert password not in repr(parse_config({**MINIMAL, "store": {"url": store.url}}))
+        assert password not in store.describe()
+    assert in_query.describe() == "postgresql://mcn@db/mcn?sslmode=require&password=****"
+    assert in_conninfo.describe() == "host=db password=**** dbname=mcn"
+
+
+def test_a_password_with_an_at_sign_is_masked_whole() -> None:
+    assert mask_password("postgresql://mcn:p@ss:w@rd@db/mcn") == "postgresql://mcn:****@db/mcn"
+
+
+@pytest.mark.parametrize(
+    ("store", "error"),
+    [
+        (
+            {"path": "/var/lib/mcn.sqlite3", "url": "postgresql://mcn@db/mcn"},
+            "store.url: give either store.path (SQLite) or store.url (PostgreSQL), not both",
+        ),
+        ({"url": ""}, "store.url: must be a postgresql:// URL or a libpq key=value string"),
+        ({"url": "mysql://db/mcn"}, "store.url: must be a postgresql:// URL"),
+        ({"url": "db.example:5432"}, "store.url: must be a postgresql:// URL"),
+        ({"url": 5432}, "store.url: must be a string, not a number"),
+        ({"password_file": "pw"}, "store.password_file: only with store.url"),
+        (
+            {"url": "postgresql://mcn@db/mcn", "password_file": "nope"},
+            "store.password_file: cannot read nope",
+        ),
+        ({"url": "postgresql://mcn@db/mcn", "pasword_file": "x"}, "store.pasword_file: unknown"),
+    ],
+)
+def test_store_errors_name_their_key_path(store: dict[str, Any], error: str) -> None:
+    errors = errors_of({**MINIMAL, "store": store})
+    assert any(line.startswith(error) for line in errors), errors
+
+
+def test_a_url_error_does_not_show_the_password() -> None:
+    errors = errors_of({**MINIMAL, "store": {"url": "mysql://mcn:hunter2@db/mcn"}})
+    assert errors == [
+        "store.url: must be a postgresql:// URL or a libpq key=value string such as "
+        "'host=db.example dbname=mcn', not 'mysql://mcn:****@db/mcn'"
+    ]
+
+
+def test_a_password_in_the_url_and_a_password_file_are_one_too_many(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("other")
+    errors = errors_of(
+        {**MINIMAL, "store": {"url": "postgresql://mcn:one@db/mcn", "password_file": "pw"}},
+        tmp_path,
+    )
+    assert errors == ["store.password_file: store.url holds a password already"]

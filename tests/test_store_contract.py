@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -29,13 +29,19 @@ from exporter.legs import (
     TallyLayout,
     TimingRow,
 )
-from exporter.pgstore import PostgresCallStore
 from exporter.store import (
     CallStore,
     LegQuery,
     SqliteCallStore,
     StoreSnapshot,
     StoreUnavailable,
+)
+from exporter.store.postgresql import (
+    EXTENSION_LOCKS,
+    LEG_LOCKS,
+    PostgresCallStore,
+    _call_lock,
+    _hash32,
 )
 from tests.conftest import ACCOUNT, FakeClock, free_port
 
@@ -607,3 +613,217 @@ def test_an_unreachable_server_is_refused_promptly() -> None:
             f"postgresql://postgres@127.0.0.1:{free_port()}/none", LAYOUT, connect_timeout=2.0
         )
     assert time.monotonic() - began < 15
+
+
+# -- group commit (PostgreSQL) -----------------------------------------------------------------
+
+Change = Callable[[Any], None]  # what a test does inside one store transaction
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+def in_one_batch(store: PostgresCallStore, changes: list[Change]) -> list[BaseException | None]:
+    """Runs the changes in threads, forced into one batch: each stays in its turn until the
+    next is queued behind it. Returns what each raised, or None."""
+    outcomes: list[BaseException | None] = [None] * len(changes)
+    inside = [threading.Event() for _ in changes]
+
+    def run(index: int) -> None:
+        try:
+            with store.transaction() as tx:
+                inside[index].set()
+                try:
+                    changes[index](tx)
+                finally:  # a failing change too keeps the batch open for the next
+                    if index + 1 < len(changes):
+                        wait_until(lambda: store.writer.waiting > 0, "the next change is queued")
+        except BaseException as exc:
+            outcomes[index] = exc
+        finally:
+            inside[index].set()
+
+    threads = []
+    for index in range(len(changes)):
+        thread = threading.Thread(target=run, args=(index,))
+        thread.start()
+        threads.append(thread)
+        assert inside[index].wait(timeout=60)  # in its turn before the next one queues
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    return outcomes
+
+
+def open_pg(url: str) -> PostgresCallStore:
+    return PostgresCallStore(url, LAYOUT, connect_timeout=5.0, statement_timeout=30.0)
+
+
+@pytest.mark.postgresql
+def test_changes_queued_together_share_one_commit(postgres_url: str) -> None:
+    store = open_pg(postgres_url)
+    commits = store.writer.commits
+
+    def open_call(call_id: str) -> Change:
+        return lambda tx: tx.insert_leg(leg(call_id, opened_at=100.0), CALLER)
+
+    outcomes = in_one_batch(store, [open_call("call-1"), open_call("call-2"), open_call("call-3")])
+
+    assert outcomes == [None, None, None]
+    assert store.writer.commits == commits + 1
+    assert store.snapshot().active == {LABELS: 3}
+    store.close()
+
+
+@pytest.mark.postgresql
+def test_a_failing_change_rolls_back_alone_and_the_batch_commits(postgres_url: str) -> None:
+    store = open_pg(postgres_url)
+    commits = store.writer.commits
+
+    def fails(tx: Any) -> None:
+        tx.insert_leg(leg("call-2", opened_at=100.0), CALLER)
+        tx.record([LegStarted(LABELS)])
+        tx.connection.execute("SELECT 1 / 0").fetchone()
+
+    outcomes = in_one_batch(
+        store,
+        [
+            lambda tx: tx.insert_leg(leg("call-1", opened_at=100.0), CALLER),
+            fails,
+            lambda tx: tx.insert_leg(leg("call-3", opened_at=100.0), CALLER),
+        ],
+    )
+
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], StoreUnavailable)
+    assert "division by zero" in str(outcomes[1])
+    assert outcomes[2] is None
+    assert store.writer.commits == commits + 1
+    snapshot = store.snapshot()
+    assert snapshot.active == {LABELS: 2}
+    assert TallyKind.STARTED not in snapshot.counters  # the failed change's tallies are gone
+    with store.transaction() as tx:
+        assert tx.legs_matching(query("call-2", closed_since=0.0)) == []
+    store.close()
+
+
+@pytest.mark.postgresql
+def test_a_failing_commit_fails_every_change_of_the_batch(postgres_url: str) -> None:
+    store = open_pg(postgres_url)
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        # Checked at COMMIT only: two changes that each pass, together fail the batch's COMMIT.
+        connection.execute("CREATE TABLE once (n int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+    commits = store.writer.commits
+
+    def change(call_id: str) -> Change:
+        def run(tx: Any) -> None:
+            tx.insert_leg(leg(call_id, opened_at=100.0), CALLER)
+            tx.connection.execute("INSERT INTO once VALUES (1)")
+
+        return run
+
+    outcomes = in_one_batch(store, [change("call-1"), change("call-2")])
+
+    assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes), outcomes
+    assert "duplicate key" in str(outcomes[0])
+    assert store.writer.commits == commits
+    assert store.snapshot().active == {}
+    with store.transaction() as tx:  # the writer goes on with a new transaction
+        tx.insert_leg(leg("call-3", opened_at=100.0), CALLER)
+    assert store.snapshot().active == {LABELS: 1}
+    store.close()
+
+
+@pytest.mark.postgresql
+def test_batches_of_two_stores_locking_in_opposite_orders_do_not_deadlock(
+    postgres_url: str,
+) -> None:
+    """Store A's batch holds call-1 and its next change wants call-2, which store B's batch
+    holds while its next change wants call-1. Neither waits holding the other's want: a change
+    that would wait has its batch's earlier changes committed first."""
+    stores = [open_pg(postgres_url), open_pg(postgres_url)]
+    both_hold = threading.Barrier(2, timeout=60)
+
+    def take(call_id: str) -> Change:
+        return lambda tx: tx.legs_matching(query(call_id, closed_since=0.0))
+
+    def then_take(call_id: str) -> Change:
+        def run(tx: Any) -> None:
+            both_hold.wait()  # both batches hold their first call
+            tx.legs_matching(query(call_id, closed_since=0.0))
+            tx.insert_leg(leg(call_id, opened_at=100.0), CALLER)
+
+        return run
+
+    def batch_of(store: PostgresCallStore, first: str, second: str) -> Callable[[], None]:
+        def run() -> None:
+            outcomes = in_one_batch(store, [take(first), then_take(second)])
+            assert outcomes == [None, None]
+
+        return run
+
+    commits = [store.writer.commits for store in stores]
+    in_parallel([batch_of(stores[0], "call-1", "call-2"), batch_of(stores[1], "call-2", "call-1")])
+
+    # The store whose second change found its call taken (one or both, as the threads ran)
+    # committed its first change alone, ahead of it.
+    made = [store.writer.commits - before for store, before in zip(stores, commits, strict=True)]
+    assert sorted(made) in ([1, 2], [2, 2])
+    with stores[0].transaction() as tx:
+        assert leg_of(tx, "call-1") is not None
+        assert leg_of(tx, "call-2") is not None
+    for store in stores:
+        store.close()
+
+
+@pytest.mark.postgresql
+def test_a_change_waiting_for_its_account_keeps_the_call_it_read(postgres_url: str) -> None:
+    """A change past its first lock waits for the next one holding it: committing the batch's
+    other changes then would give up the call it has read too."""
+    store = open_pg(postgres_url)
+    account_lock = (EXTENSION_LOCKS, _hash32(("account", ACCOUNT)))
+    call_lock = (LEG_LOCKS, _call_lock(ACCOUNT, "call-1", "108"))
+    call_free_meanwhile: list[bool] = []
+    with (
+        psycopg.connect(postgres_url, autocommit=True) as admitting,
+        psycopg.connect(postgres_url, autocommit=True) as probe,
+    ):
+        admitting.execute("BEGIN")
+        admitting.execute("SELECT pg_advisory_xact_lock(%s, %s)", account_lock)
+
+        def waiting_for_a_lock() -> bool:
+            row = probe.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            ).fetchone()
+            return row is not None and row[0] > 0
+
+        def let_it_through() -> None:
+            wait_until(waiting_for_a_lock, "the change waits for the account's lock")
+            taken = probe.execute("SELECT pg_try_advisory_lock(%s, %s)", call_lock).fetchone()
+            assert taken is not None
+            call_free_meanwhile.append(taken[0])
+            probe.execute("SELECT pg_advisory_unlock_all()")
+            admitting.execute("COMMIT")
+
+        def admit(tx: Any) -> None:
+            tx.legs_matching(query("call-1", closed_since=0.0))
+            assert tx.admit_extension(ACCOUNT, "108", limit=10)
+
+        releaser = threading.Thread(target=let_it_through)
+        releaser.start()
+        outcomes = in_one_batch(
+            store,
+            [
+                lambda tx: tx.legs_matching(query("call-9", closed_since=0.0)),
+                admit,
+            ],
+        )
+        releaser.join(timeout=120)
+
+    assert outcomes == [None, None]
+    assert call_free_meanwhile == [False]
+    store.close()
