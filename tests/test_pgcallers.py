@@ -204,10 +204,15 @@ class Twins:
         )
 
 
-@pytest.fixture
-def twins(caller_db: str) -> Iterator[Twins]:
+@pytest.fixture(params=["alone", "pipelined"])
+def twins(request: pytest.FixtureRequest, caller_db: str) -> Iterator[Twins]:
+    """Over a connection of its own, or one kept in pipeline mode as a batching store does."""
     with psycopg.connect(caller_db) as connection:
-        yield Twins(connection)
+        if request.param == "alone":
+            yield Twins(connection)
+        else:
+            with connection.pipeline():
+                yield Twins(connection)
 
 
 def missed_call(twins: Twins, caller: str | None = CALLER) -> None:

@@ -40,6 +40,7 @@ such a sweep, counts as reached rather than given up.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import psycopg
@@ -332,15 +333,22 @@ class PostgresCallerBook:
 
     def _locked_read(self, account: int, query: str, params: tuple[Any, ...]) -> list[Any]:
         """`query`'s rows, read once the account's lock is granted (one round trip)."""
-        with self._connection.pipeline():
+        with self._pipelined():
             self._locks.lock_callers(account)
             cursor = self._connection.execute(query, params)
         return cursor.fetchall()
 
     def _locked_write(self, account: int, statement: str, params: tuple[Any, ...]) -> None:
-        with self._connection.pipeline():
+        with self._pipelined():
             self._locks.lock_callers(account)
             self._connection.execute(statement, params)
+
+    def _pipelined(self) -> AbstractContextManager[object]:
+        """A pipeline, unless the connection is in one already (a store that batches its
+        statements): then a write is only queued, and reaches the server with the next read."""
+        if self._connection.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF:
+            return nullcontext()
+        return self._connection.pipeline()
 
     def _lock_due_accounts(self, due: str, before: float) -> list[int]:
         """The accounts with a record `due` whose lock this transaction has or now gets;
