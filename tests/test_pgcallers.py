@@ -31,15 +31,29 @@ from exporter.callers import (
     MemoryCallerBook,
     WaitingCaller,
 )
-from exporter.legs import CallerTally, InboundCallSettled, MissedCallerResolved, Outcome
+from exporter.events import Direction, Service
+from exporter.legs import (
+    CallerTally,
+    InboundCallSettled,
+    Leg,
+    LegLabels,
+    LegStarted,
+    MissedCallerResolved,
+    Outcome,
+    TallyKind,
+    TallyLayout,
+)
 from exporter.numbers import Lines
+from exporter.store import LegQuery
 from exporter.store.pgcallers import (
+    CALLER_LOCKS,
     CALLER_SCHEMA,
     LOCK_CALLERS,
     TRY_LOCK_CALLERS,
     OwnLocks,
     PostgresCallerBook,
 )
+from exporter.store.postgresql import PostgresCallStore
 
 if TYPE_CHECKING:
     from tests.pgcluster import PgCluster
@@ -641,3 +655,149 @@ def test_a_rollback_to_a_savepoint_gives_up_the_lock_and_the_book_takes_it_again
         legs = connection.execute("SELECT leg FROM inbound_call_legs ORDER BY leg").fetchall()
     assert calls == [(2,)], "one call: the second replica saw the first's"
     assert legs == [(202,), (203,)]
+
+
+# -- in the PostgreSQL store ----------------------------------------------------------------------
+
+LAYOUT = TallyLayout((5.0, 20.0), (60.0,))
+VPBX = LegLabels(ACCOUNT, Service.VPBX, Direction.INBOUND, "108")
+TELEPHONY = LegLabels(ACCOUNT, Service.TELEPHONY, Direction.INBOUND, "108")
+
+
+def open_store(url: str) -> PostgresCallStore:
+    return PostgresCallStore(url, LAYOUT, connect_timeout=5.0, statement_timeout=30.0)
+
+
+def legs_of(labels: LegLabels, call_id: str) -> LegQuery:
+    return LegQuery(
+        labels.account, labels.service, labels.direction, labels.extension, call_id, CALLER, 0.0
+    )
+
+
+def new_leg(labels: LegLabels, call_id: str, opened_at: float = 100.0) -> Leg:
+    return Leg(labels, labels.extension, call_id, opened_at=opened_at, started_at=opened_at)
+
+
+class Holder:
+    """A change of one store kept open in a thread of its own, until released."""
+
+    def __init__(self, store: PostgresCallStore, change: Callable[[Any], object]) -> None:
+        self._inside, self._release = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(store, change))
+        self._thread.start()
+        assert self._inside.wait(TIMEOUT)
+
+    def _run(self, store: PostgresCallStore, change: Callable[[Any], object]) -> None:
+        with store.transaction() as tx:
+            change(tx)
+            self._inside.set()
+            self._release.wait(TIMEOUT)
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(TIMEOUT)
+        assert not self._thread.is_alive()
+
+
+def caller_lock_waiters(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as monitor:
+        row = monitor.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND classid = %s::oid",
+            (CALLER_LOCKS,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture
+def two_stores(postgres_url: str) -> Iterator[tuple[PostgresCallStore, PostgresCallStore]]:
+    stores = (open_store(postgres_url), open_store(postgres_url))
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def test_a_vpbx_change_holds_its_accounts_callers_from_its_legs_to_its_commit(
+    postgres_url: str, two_stores: tuple[PostgresCallStore, PostgresCallStore]
+) -> None:
+    one, other = two_stores
+    holder = Holder(one, lambda tx: tx.legs_matching(legs_of(VPBX, "call-1")))
+    with other.transaction() as tx:  # no caller level for telephony: not held back
+        tx.legs_matching(legs_of(TELEPHONY, "call-2"))
+    done = threading.Event()
+
+    def another_vpbx_call() -> None:
+        with other.transaction() as tx:
+            tx.legs_matching(legs_of(VPBX, "call-3"))
+        done.set()
+
+    thread = threading.Thread(target=another_vpbx_call)
+    thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not caller_lock_waiters(postgres_url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not done.is_set(), "the other replica's change waits for the account's callers"
+    holder.release()
+    thread.join(TIMEOUT)
+    assert done.is_set()
+
+
+def test_an_event_sweeps_nothing_before_its_legs_are_locked(
+    two_stores: tuple[PostgresCallStore, PostgresCallStore],
+) -> None:
+    store, _ = two_stores
+    quiet = InboundCall(ACCOUNT, "Main line", None, digest("903123456"), 10.0, 10.0, 20.0, 0)
+    with store.transaction() as tx:
+        tx.callers.save_call(quiet)
+    with store.transaction() as tx:
+        tx.touch(ACCOUNT, Service.VPBX, 100.0)  # an event's change
+        assert tx.callers.calls_quiet_before(50.0) == []
+        tx.legs_matching(legs_of(VPBX, "call-1"))
+        assert tx.callers.calls_quiet_before(50.0) == [quiet]
+    with store.transaction() as tx:  # an expiry's, or a scrape's
+        assert tx.callers.calls_quiet_before(50.0) == [quiet]
+
+
+def test_expiry_leaves_the_vpbx_legs_of_an_account_whose_callers_are_held(
+    two_stores: tuple[PostgresCallStore, PostgresCallStore],
+) -> None:
+    one, other = two_stores
+    with one.transaction() as tx:
+        tx.insert_leg(new_leg(VPBX, "stale-vpbx", opened_at=1.0), CALLER)
+        tx.insert_leg(new_leg(TELEPHONY, "stale-telephony", opened_at=1.0), CALLER)
+    holder = Holder(one, lambda tx: tx.legs_matching(legs_of(VPBX, "call-1")))
+    with other.transaction() as tx:
+        assert [leg.call_id for leg in tx.open_legs_before(50.0)] == ["stale-telephony"]
+    holder.release()
+    with other.transaction() as tx:
+        stale = tx.open_legs_before(50.0)
+        assert sorted(str(leg.call_id) for leg in stale) == ["stale-telephony", "stale-vpbx"]
+
+
+def test_a_store_of_schema_version_1_gains_the_caller_tables_and_keeps_its_legs(
+    postgres_url: str,
+) -> None:
+    store = open_store(postgres_url)
+    with store.transaction() as tx:
+        tx.insert_leg(new_leg(VPBX, "call-1"), CALLER)
+        tx.record([LegStarted(VPBX)])
+    store.close()
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        # As the exporter before the caller level left it.
+        connection.execute("DROP TABLE inbound_call_legs, inbound_calls, waiting_callers")
+        connection.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+
+    store = open_store(postgres_url)
+    try:
+        assert store.snapshot().counters[TallyKind.STARTED] == {
+            (str(ACCOUNT), "vpbx", "inbound", "108"): 1.0
+        }
+        with store.transaction() as tx:
+            assert [leg.call_id for leg in tx.legs_matching(legs_of(VPBX, "call-1"))] == ["call-1"]
+            tx.callers.save_waiting(WaitingCaller(ACCOUNT, digest("903123456"), "", 5.0, 1.0))
+    finally:
+        store.close()
+    with psycopg.connect(postgres_url) as connection:
+        row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert row == ("2",)
