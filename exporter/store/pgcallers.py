@@ -18,8 +18,8 @@ runs after the lock is granted, so it sees what the lock's last holder committed
   the call; and the settle sweeps take calls of every caller. The account is known or read
   first in each case, so the lock is per account; an account's caller changes take turns.
 - The lock goes in the same round trip as the statement that needs it (a pipeline).
-- `call_of_leg` reads the account of the leg's call first, then takes the lock and reads the
-  call again: an account never changes, and the call may have settled meanwhile.
+- `call_of_leg` reads the leg's call first: if its account's lock is not held already, it
+  takes it and reads the call again (an account never changes; the call may have settled).
 - The settle sweeps (`calls_quiet_before`, `waiting_missed_before`) never wait: they try the
   locks of the accounts with something due and skip the accounts another transaction holds;
   its holder or the next sweep settles them.
@@ -119,6 +119,9 @@ class CallerLocks(Protocol):
         """Before the account's caller records are read or written: its lock, taken (or
         queued on the connection, ahead of the statement that needs it) unless held."""
 
+    def holds_callers(self, account: int) -> bool:
+        """Whether this transaction is known to hold the account's lock already."""
+
     def may_sweep(self) -> bool:
         """Whether a settle sweep may now try the locks of the accounts with something due."""
 
@@ -136,6 +139,9 @@ class OwnLocks:
         # Taken again every time, never remembered: a rollback to a savepoint releases the
         # advisory locks taken since it, and taking one already held costs nothing more.
         self._connection.execute(LOCK_CALLERS, (account,))
+
+    def holds_callers(self, account: int) -> bool:
+        return False
 
     def may_sweep(self) -> bool:
         return True
@@ -186,19 +192,15 @@ class PostgresCallerBook:
         return [_call(row) for row in rows]
 
     def call_of_leg(self, leg_id: int) -> InboundCall | None:
-        found = self._connection.execute(
-            "SELECT c.account FROM inbound_call_legs l JOIN inbound_calls c ON c.id = l.call"
-            " WHERE l.leg = %s",
-            (leg_id,),
-        ).fetchone()
-        if found is None:
-            return None
-        rows = self._locked_read(
-            found[0],
+        query = (
             f"SELECT {_CALL_COLUMNS} FROM inbound_calls"
-            " WHERE id = (SELECT call FROM inbound_call_legs WHERE leg = %s)",
-            (leg_id,),
+            " WHERE id = (SELECT call FROM inbound_call_legs WHERE leg = %s)"
         )
+        found = self._connection.execute(query, (leg_id,)).fetchall()
+        if not found or self._locks.holds_callers(found[0][1]):
+            return _call(found[0]) if found else None
+        # Read before the lock: only its account is sure (it never changes). Read again.
+        rows = self._locked_read(found[0][1], query, (leg_id,))
         return _call(rows[0]) if rows else None
 
     def save_call(self, call: InboundCall) -> None:

@@ -720,7 +720,7 @@ class _PostgresTransaction:
         # A vpbx leg's change goes on to its account's caller records: their lock is taken
         # here, right after the legs', so that it is never waited for later in the change.
         callers = query.account if query.service is Service.VPBX else None
-        held = self._holds_legs(lock) and (callers is None or self._holds_callers(callers))
+        held = self._holds_legs(lock) and (callers is None or self.holds_callers(callers))
         if not held and self._must_not_wait():
             rows = self._read_all_without_waiting(lock, callers, sql, parameters)
             if rows is not None:
@@ -799,7 +799,7 @@ class _PostgresTransaction:
         ).fetchall()
         legs = self._known_legs(rows, None)
         accounts = {leg.labels.account for leg in legs if leg.labels.service is Service.VPBX}
-        held = {account for account in accounts if self._holds_callers(account)}
+        held = {account for account in accounts if self.holds_callers(account)}
         if accounts - held:
             got = self.connection.execute(TRY_LOCK_CALLERS, (sorted(accounts - held),))
             taken = {account for (account,) in got.fetchall()}
@@ -891,7 +891,7 @@ class _PostgresTransaction:
 
     def lock_callers(self, account: int) -> None:
         """The lock of the account's caller records, taken as leg locks are (_lock_legs)."""
-        if self._holds_callers(account):
+        if self.holds_callers(account):
             return
         if self._must_not_wait():
             if self._try_lock_callers(account):
@@ -916,7 +916,7 @@ class _PostgresTransaction:
             self._caller_locks.update(taken)
             self._begun = True
 
-    def _holds_callers(self, account: int) -> bool:
+    def holds_callers(self, account: int) -> bool:
         return account in self._caller_locks or account in self._change.batch.caller_locks
 
     def _try_lock_callers(self, account: int) -> bool:
@@ -1005,7 +1005,7 @@ class _PostgresTransaction:
             if rows is None:
                 return None
         if callers is not None and not (
-            self._holds_callers(callers) or self._try_lock_callers(callers)
+            self.holds_callers(callers) or self._try_lock_callers(callers)
         ):
             self._locks.discard(lock)  # given back with the change's start
             return None
