@@ -257,14 +257,14 @@ class Callers:
 
     def gauges(self, book: CallerBook, now: float, accounts: Iterable[int] = ()) -> CallerGauges:
         """The gauges now; the oldest waits are 0 for `accounts` with nobody waiting."""
-        first_misses = book.first_misses()
-        oldest: dict[int, float] = dict.fromkeys(accounts, 0.0)
-        oldest_wall = dict(oldest)
-        for account, first_miss in first_misses.items():
-            # The caller who waits longest in wall time also does in open time.
-            oldest[account] = self._calendar(account).open_seconds(first_miss, now)
-            oldest_wall[account] = max(now - first_miss, 0.0)
-        return CallerGauges(book.ringing_calls(), book.waiting_callers(), oldest, oldest_wall)
+        return caller_gauges(
+            book.ringing_calls(),
+            book.waiting_callers(),
+            book.first_misses(),
+            self._calendar,
+            now,
+            accounts,
+        )
 
     # -- the rules -----------------------------------------------------------------------------
 
@@ -392,6 +392,24 @@ class Callers:
             max(now - waiting.first_missed_at, 0.0),
             period,
         )
+
+
+def caller_gauges(
+    ringing: Mapping[tuple[int, str], int],
+    waiting: Mapping[tuple[int, str], int],
+    first_misses: Mapping[int, float],
+    calendar: CalendarOf,
+    now: float,
+    accounts: Iterable[int] = (),
+) -> CallerGauges:
+    """The gauges from a book's aggregates (read at scrape time, in one consistent view)."""
+    oldest: dict[int, float] = dict.fromkeys(accounts, 0.0)
+    oldest_wall = dict(oldest)
+    for account, first_miss in first_misses.items():
+        # The caller who waits longest in wall time also does in open time.
+        oldest[account] = calendar(account).open_seconds(first_miss, now)
+        oldest_wall[account] = max(now - first_miss, 0.0)
+    return CallerGauges(ringing, waiting, oldest, oldest_wall)
 
 
 def _wait(call: InboundCall, until: float) -> float | None:

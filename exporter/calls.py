@@ -7,13 +7,16 @@ Plain Python: the store and the clock are handed in, and the store is asked for 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 
+from exporter.callers import CalendarOf, Callers, CallerSettings, InboundLeg
 from exporter.events import CallEvent, Direction, Service, Step
+from exporter.hours import ALWAYS_OPEN, Calendar
 from exporter.legs import (
     OTHER_EXTENSION,
+    CallerTally,
     EventTaken,
     EventUnmatched,
     ExtensionOverflowed,
@@ -24,6 +27,7 @@ from exporter.legs import (
     Outcome,
     Tally,
 )
+from exporter.numbers import Lines
 from exporter.store import CallStore, LegQuery, StoreTransaction
 
 Clock = Callable[[], float]
@@ -43,11 +47,20 @@ class Disposition(StrEnum):
     IGNORED = "ignored"  # an event type we do not know
 
 
+def _always_open(_account: int) -> Calendar:
+    return ALWAYS_OPEN
+
+
 @dataclass(frozen=True)
 class TrackerSettings:
     max_duration: float = 4 * 3600.0
     duplicate_window: float = 60.0
     max_extensions: int = 1000
+    # The caller level (docs/design.md, "Callers and call-backs"): its rules, each account's
+    # lines (an account not in `lines` has none) and opening hours.
+    callers: CallerSettings = field(default_factory=CallerSettings)
+    lines: Mapping[int, Lines] = field(default_factory=dict)
+    calendar: CalendarOf = _always_open
 
 
 class CallTracker:
@@ -69,17 +82,26 @@ class CallTracker:
             if event.kind is None:
                 tx.record([taken])
                 return Disposition.IGNORED
-            disposition, tallies = self._apply(tx, event, event.kind.step, now)
-            tx.record([taken, *tallies])
+            callers = _CallerLevel(tx, self._settings, now)
+            # Calls quiet long enough settle first: a leg of this event then starts a new one.
+            callers.settle()
+            disposition, tallies = self._apply(tx, callers, event, event.kind.step, now)
+            tx.record([taken, *tallies, *callers.tallies])
             self._forget_old_legs(tx, now)
         return disposition
 
     def expire_stale(self) -> int:
-        """Close legs open longer than calls.max_duration as `expired`; returns how many."""
+        """Close legs open longer than calls.max_duration as `expired`, and settle the callers'
+        calls that are over; returns how many legs expired."""
         with self._store.transaction() as tx:
             now = self._clock()
+            callers = _CallerLevel(tx, self._settings, now)
             stale = tx.open_legs_before(now - self._settings.max_duration)
-            tx.record([self._close(tx, leg, Outcome.EXPIRED, now) for leg in stale])
+            tallies: list[Tally] = [
+                self._close(tx, callers, leg, Outcome.EXPIRED, now) for leg in stale
+            ]
+            callers.settle()
+            tx.record([*tallies, *callers.tallies])
             self._forget_old_legs(tx, now)
         return len(stale)
 
@@ -95,14 +117,14 @@ class CallTracker:
     # -- one event -----------------------------------------------------------------------------
 
     def _apply(
-        self, tx: StoreTransaction, event: CallEvent, step: Step, now: float
+        self, tx: StoreTransaction, callers: _CallerLevel, event: CallEvent, step: Step, now: float
     ) -> tuple[Disposition, list[Tally]]:
         candidates = tx.legs_matching(self._legs_of(event, now))
-        expired = self._expire_overdue(tx, candidates, now)
+        expired = self._expire_overdue(tx, callers, candidates, now)
         if step is Step.START:
-            disposition, tallies = self._start(tx, event, candidates, now)
+            disposition, tallies = self._start(tx, callers, event, candidates, now)
         else:
-            disposition, tallies = self._act_on_leg(tx, event, step, candidates, now)
+            disposition, tallies = self._act_on_leg(tx, callers, event, step, candidates, now)
         return disposition, [*expired, *tallies]
 
     def _legs_of(self, event: CallEvent, now: float) -> LegQuery:
@@ -124,7 +146,7 @@ class CallTracker:
         )
 
     def _expire_overdue(
-        self, tx: StoreTransaction, candidates: list[Leg], now: float
+        self, tx: StoreTransaction, callers: _CallerLevel, candidates: list[Leg], now: float
     ) -> list[Tally]:
         """Expire the event's legs that outlived calls.max_duration, as a scrape would have.
 
@@ -133,13 +155,19 @@ class CallTracker:
         """
         cutoff = now - self._settings.max_duration
         return [
-            self._close(tx, leg, Outcome.EXPIRED, now)
+            self._close(tx, callers, leg, Outcome.EXPIRED, now)
             for leg in candidates
             if leg.is_open and leg.opened_at < cutoff
         ]
 
     def _act_on_leg(
-        self, tx: StoreTransaction, event: CallEvent, step: Step, candidates: list[Leg], now: float
+        self,
+        tx: StoreTransaction,
+        callers: _CallerLevel,
+        event: CallEvent,
+        step: Step,
+        candidates: list[Leg],
+        now: float,
     ) -> tuple[Disposition, list[Tally]]:
         leg = _target(step, candidates)
         if leg is None:
@@ -147,18 +175,24 @@ class CallTracker:
                 # A leg it could belong to exists but cannot take it: a retry, or a late event
                 # for a leg that already closed (an end after a missed, say).
                 return Disposition.DUPLICATE, []
-            return self._unmatched(tx, event, step, now)
+            return self._unmatched(tx, callers, event, step, now)
         tallies = _overflow(leg.labels)
         if step is Step.ANSWER:
             leg.answered_at = now
             tx.save_leg(leg)
+            callers.leg_answered(leg, event.did)
             return Disposition.ANSWERED, tallies
         outcome = _closing_outcome(step, leg, event.billsec)
-        tallies.append(self._close(tx, leg, outcome, now, event.billsec))
+        tallies.append(self._close(tx, callers, leg, outcome, now, event.billsec, event.did))
         return Disposition.CLOSED, tallies
 
     def _start(
-        self, tx: StoreTransaction, event: CallEvent, candidates: list[Leg], now: float
+        self,
+        tx: StoreTransaction,
+        callers: _CallerLevel,
+        event: CallEvent,
+        candidates: list[Leg],
+        now: float,
     ) -> tuple[Disposition, list[Tally]]:
         late = self._leg_started_late(candidates, now)
         if late is not None:
@@ -171,6 +205,7 @@ class CallTracker:
         leg = self._new_leg(tx, event, now)
         leg.started_at = now
         tx.insert_leg(leg, event.did)
+        callers.leg_opened(leg, event, rang=True)
         return Disposition.OPENED, [LegStarted(leg.labels), *_overflow(leg.labels)]
 
     def _leg_started_late(self, candidates: list[Leg], now: float) -> Leg | None:
@@ -197,7 +232,7 @@ class CallTracker:
         )
 
     def _unmatched(
-        self, tx: StoreTransaction, event: CallEvent, step: Step, now: float
+        self, tx: StoreTransaction, callers: _CallerLevel, event: CallEvent, step: Step, now: float
     ) -> tuple[Disposition, list[Tally]]:
         """The leg's start was lost: keep what the event still tells."""
         leg = self._new_leg(tx, event, now)
@@ -210,16 +245,26 @@ class CallTracker:
             talk = event.billsec if leg.outcome in _TALKED else None
             tallies.append(LegEnded(leg.labels, leg.outcome, None, _seconds(talk)))
         tx.insert_leg(leg, event.did)
+        # It still rang for a caller, or reached one: when it began ringing is unknown.
+        callers.leg_opened(leg, event, rang=False)
+        if leg.outcome is None:
+            callers.leg_answered(leg, event.did)
+        else:
+            callers.leg_closed(leg, leg.outcome, _answered_at(leg, now, event.billsec), event.did)
         return Disposition.UNMATCHED, tallies
 
     def _close(
         self,
         tx: StoreTransaction,
+        callers: _CallerLevel,
         leg: Leg,
         outcome: Outcome,
         now: float,
         billsec: int | None = None,
+        number: str | None = None,
     ) -> LegEnded:
+        """Close a leg; `number` is the event's other party (None for an expiry)."""
+        callers.leg_closed(leg, outcome, _answered_at(leg, now, billsec), number)
         leg.closed_at = now
         leg.outcome = outcome
         tx.save_leg(leg)
@@ -249,6 +294,75 @@ class CallTracker:
 
 
 _TALKED = (Outcome.ANSWERED, Outcome.COMPLETED)
+
+
+class _CallerLevel:
+    """The caller level within one transaction: told of the leg changes, and the tallies it
+    returns recorded with the leg's (docs/design.md, "Callers and call-backs").
+
+    Only vpbx inbound legs form callers' calls; vpbx outbound legs are call-backs to whoever
+    their `did` names. Numbers are kept as digests by the store's key, so the rules are bound
+    to each transaction's store.
+    """
+
+    def __init__(self, tx: StoreTransaction, settings: TrackerSettings, now: float) -> None:
+        self._callers = Callers(settings.callers, settings.lines, tx.digest, settings.calendar)
+        self._book = tx.callers
+        self._now = now
+        self.tallies: list[CallerTally] = []
+
+    def settle(self) -> None:
+        self.tallies += self._callers.settle(self._book, self._now)
+
+    def leg_opened(self, leg: Leg, event: CallEvent, rang: bool) -> None:
+        if _rings_for_caller(leg.labels) and leg.id is not None:
+            opened = InboundLeg(
+                leg.id, leg.labels.account, leg.call_id, event.did, event.did_mcn, rang
+            )
+            self.tallies += self._callers.on_leg_started(self._book, opened, self._now)
+
+    def leg_answered(self, leg: Leg, number: str | None) -> None:
+        if _rings_for_caller(leg.labels) and leg.id is not None:
+            self.tallies += self._callers.on_leg_answered(self._book, leg.id, self._now)
+        elif _calls_out(leg.labels):
+            self.tallies += self._callers.on_outbound_answered(
+                self._book, leg.labels.account, number, self._now
+            )
+
+    def leg_closed(
+        self, leg: Leg, outcome: Outcome, answered_at: float | None, number: str | None
+    ) -> None:
+        """Before the leg's close is written: `leg.answered_at` still says whether an answer
+        was seen (an outbound leg answered then was a call-back already)."""
+        if _rings_for_caller(leg.labels) and leg.id is not None:
+            self.tallies += self._callers.on_leg_ended(
+                self._book, leg.id, outcome, self._now, answered_at
+            )
+        elif _calls_out(leg.labels):
+            account = leg.labels.account
+            if outcome is Outcome.ANSWERED and leg.answered_at is None:
+                self.tallies += self._callers.on_outbound_answered(
+                    self._book, account, number, self._now
+                )
+            elif outcome is Outcome.UNANSWERED:
+                self.tallies += self._callers.on_outbound_unanswered(
+                    self._book, account, number, self._now
+                )
+
+
+def _rings_for_caller(labels: LegLabels) -> bool:
+    return labels.service is Service.VPBX and labels.direction is Direction.INBOUND
+
+
+def _calls_out(labels: LegLabels) -> bool:
+    return labels.service is Service.VPBX and labels.direction is Direction.OUTBOUND
+
+
+def _answered_at(leg: Leg, now: float, billsec: int | None) -> float | None:
+    """When a closing leg was answered: seen, or dated billsec before its end, or unknown."""
+    if leg.answered_at is not None:
+        return leg.answered_at
+    return None if billsec is None else now - billsec
 
 
 def _target(step: Step, candidates: list[Leg]) -> Leg | None:

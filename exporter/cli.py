@@ -103,9 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--settle",
         type=_seconds,
-        default=30.0,
-        help="the exporter's callers.settle in seconds (30): call-backs wait that long after "
-        "the missed call",
+        help="the exporter's callers.settle in seconds (default: the config's): call-backs "
+        "wait that long after the missed call",
     )
     simulate.add_argument(
         "--line",
@@ -209,7 +208,7 @@ def _simulate(args: argparse.Namespace) -> int:
         pace=args.pace,
         verify=args.verify,
         metrics_url=args.metrics_url,
-        settle=args.settle,
+        settle=config.callers.settle if args.settle is None else args.settle,
         lines={account: dict(args.line) for account in config.accounts} if args.line else {},
     )
     try:

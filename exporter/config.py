@@ -18,6 +18,7 @@ import yaml
 # imported first sees the other half-built.
 from exporter import hours as opening_hours
 from exporter.events import EXTENSION_PATTERN
+from exporter.numbers import DEFAULT_MATCH_DIGITS, OTHER_LINE, Lines, number_key
 
 DEFAULT_RING_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0)
 DEFAULT_TALK_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
@@ -37,6 +38,7 @@ QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s']+)", re.IGNORECASE)
 # The provider's documentation uses this secret in every example: anyone can post with it.
 EXAMPLE_SECRET = "SecretToken"
+MAX_LINE_NAME = 64
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class AccountConfig:
     name: str = ""
     # Its own `hours`, else the top-level one; None when neither is given.
     hours: opening_hours.Calendar | None = None
+    # The company's own numbers (`did_mcn`) as written, to their names: the `line` label.
+    lines: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def calendar(self) -> opening_hours.Calendar:
@@ -78,6 +82,18 @@ class ExtensionConfig:
 class CallsConfig:
     max_duration: float = 4 * 3600.0
     duplicate_window: float = 60.0
+
+
+@dataclass(frozen=True)
+class CallersConfig:
+    group_window: float = 10.0
+    settle: float = 30.0
+
+
+@dataclass(frozen=True)
+class CallbacksConfig:
+    give_up_after: float = 72 * 3600.0
+    match_digits: int = DEFAULT_MATCH_DIGITS
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,8 @@ class Config:
     )
     server: ServerConfig = ServerConfig()
     calls: CallsConfig = CallsConfig()
+    callers: CallersConfig = CallersConfig()
+    callbacks: CallbacksConfig = CallbacksConfig()
     store: StoreConfig = StoreConfig()
     metrics: MetricsConfig = MetricsConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -132,6 +150,14 @@ class Config:
     def calendar(self, account_id: int) -> opening_hours.Calendar:
         """The opening hours of a configured account (always open without `hours`)."""
         return self.accounts[account_id].calendar
+
+    def lines(self) -> dict[int, Lines]:
+        """Every configured account's lines (empty when it names none), matched as configured."""
+        digits = self.callbacks.match_digits
+        return {
+            account.id: Lines.from_config(account.lines, digits)
+            for account in self.accounts.values()
+        }
 
 
 class ConfigError(Exception):
@@ -233,6 +259,8 @@ class _Reader:
                 "hours",
                 "extensions",
                 "calls",
+                "callers",
+                "callbacks",
                 "store",
                 "metrics",
                 "limits",
@@ -240,7 +268,8 @@ class _Reader:
             },
         )
         default_hours = self.hours(section.get("hours"), "hours")
-        accounts = self.accounts(section.get("accounts"), default_hours)
+        callbacks = self.callbacks(section.get("callbacks"))
+        accounts = self.accounts(section.get("accounts"), default_hours, callbacks.match_digits)
         limits = self.limits(section.get("limits"))
         return Config(
             server=self.server(section.get("server")),
@@ -249,6 +278,8 @@ class _Reader:
                 self.extensions(section.get("extensions"), accounts, limits)
             ),
             calls=self.calls(section.get("calls")),
+            callers=self.callers(section.get("callers")),
+            callbacks=callbacks,
             store=self.store(section.get("store")),
             metrics=self.metrics(section.get("metrics")),
             limits=limits,
@@ -299,7 +330,7 @@ class _Reader:
         return tuple(networks)
 
     def accounts(
-        self, doc: object, default_hours: opening_hours.Calendar | None
+        self, doc: object, default_hours: opening_hours.Calendar | None, match_digits: int
     ) -> dict[int, AccountConfig]:
         if doc is None:
             self.error("accounts", "required: list at least one account (id and secret)")
@@ -310,12 +341,15 @@ class _Reader:
         accounts: dict[int, AccountConfig] = {}
         for index, item in enumerate(doc):
             path = f"accounts[{index}]"
-            section = self.section(item, path, {"id", "secret", "secret_file", "name", "hours"})
+            section = self.section(
+                item, path, {"id", "secret", "secret_file", "name", "hours", "lines"}
+            )
             account_id = self.account_id(section.get("id"), f"{path}.id")
             secret = self.secret(section, path)
             name = self.value(section, f"{path}.name", str, "")
             # An account's own hours replace the default whole, not key by key.
             own_hours = self.hours(section.get("hours"), f"{path}.hours")
+            lines = self.lines(section.get("lines"), f"{path}.lines", match_digits)
             if account_id is None or secret is None:
                 continue
             if account_id in accounts:
@@ -323,9 +357,52 @@ class _Reader:
                 continue
             account_hours = default_hours if own_hours is None else own_hours
             accounts[account_id] = AccountConfig(
-                id=account_id, secret=secret, name=name, hours=account_hours
+                id=account_id, secret=secret, name=name, hours=account_hours, lines=lines
             )
         return accounts
+
+    def lines(self, doc: object, path: str, match_digits: int) -> Mapping[str, str]:
+        """`lines`: the company's numbers to their names, which become `line` label values."""
+        if doc is None:
+            return MappingProxyType({})
+        section = self.mapping(doc, path) or {}
+        names: dict[str, str] = {}
+        seen: dict[str, str] = {}  # the digits a number matches by -> the number as written
+        for raw_number, raw_name in section.items():
+            number = str(raw_number)
+            entry = f"{path}.{number}"
+            key = number_key(number, match_digits)
+            if isinstance(raw_number, bool) or key is None:
+                self.error(entry, "a company number needs at least one digit")
+                continue
+            if key in seen:
+                self.error(
+                    entry,
+                    f"matches the same number as {seen[key]} (their last {match_digits} digits, "
+                    "callbacks.match_digits, are the same)",
+                )
+                continue
+            name = self.line_name(raw_name, entry)
+            if name is not None:
+                seen[key] = number
+                names[number] = name
+        return MappingProxyType(names)
+
+    def line_name(self, raw: object, path: str) -> str | None:
+        name = self.expand(raw, path)
+        if not isinstance(name, str):
+            self.error(path, f"must be the line's name, a string, not {_kind(name)}")
+            return None
+        if not name.strip():
+            self.error(path, "the line's name must not be empty")
+            return None
+        if name == OTHER_LINE:
+            self.error(path, f"{OTHER_LINE!r} is the line of unconfigured numbers: pick another")
+            return None
+        if len(name) > MAX_LINE_NAME or not name.isprintable():
+            self.error(path, f"must be at most {MAX_LINE_NAME} printable characters, not {name!r}")
+            return None
+        return name
 
     def hours(self, doc: object, path: str) -> opening_hours.Calendar | None:
         """An `hours:` block as a calendar; None when absent (or broken: its errors are kept)."""
@@ -449,6 +526,29 @@ class _Reader:
             max_duration=self.duration(section, "calls.max_duration", default.max_duration),
             duplicate_window=self.duration(
                 section, "calls.duplicate_window", default.duplicate_window
+            ),
+        )
+
+    def callers(self, doc: object) -> CallersConfig:
+        default = CallersConfig()
+        section = self.section(doc, "callers", set(vars(default)))
+        window = self.duration(section, "callers.group_window", default.group_window)
+        settle = self.duration(section, "callers.settle", default.settle)
+        if window > settle:
+            self.error(
+                "callers.group_window",
+                f"must not be longer than callers.settle ({settle:g}s), not {window:g}s: a call "
+                "would settle while its next leg could still join it",
+            )
+        return CallersConfig(group_window=window, settle=settle)
+
+    def callbacks(self, doc: object) -> CallbacksConfig:
+        default = CallbacksConfig()
+        section = self.section(doc, "callbacks", set(vars(default)))
+        return CallbacksConfig(
+            give_up_after=self.duration(section, "callbacks.give_up_after", default.give_up_after),
+            match_digits=self.integer(
+                section, "callbacks.match_digits", default.match_digits, 4, 15
             ),
         )
 

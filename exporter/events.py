@@ -73,9 +73,10 @@ class CallEvent:
     account: int
     service: Service
     abon: str  # the extension; "" for telephony
-    did: str | None = None
+    did: str | None = None  # the other party: the caller inbound, the callee outbound
     call_id: str | None = None
     billsec: int | None = None
+    did_mcn: str | None = None  # the company's own number the call came in on
 
     def __repr__(self) -> str:
         # `did` is a phone number: keep it out of anything that prints events.
@@ -155,7 +156,7 @@ def _event(document: dict[str, Any], account: int) -> CallEvent:
         has_abon = document.get("abon") is not None
         service = Service.VPBX if has_abon else Service.TELEPHONY
         return CallEvent(UNKNOWN_EVENT, None, account, service, "")
-    _text(document, "did_mcn")  # checked, though never used: the company's own number
+    did_mcn = _text(document, "did_mcn")  # checked first, as it always was
     return CallEvent(
         event_type=event_type,
         kind=kind,
@@ -165,6 +166,7 @@ def _event(document: dict[str, Any], account: int) -> CallEvent:
         did=_text(document, "did"),
         call_id=_text(document, "call_id"),
         billsec=_billsec(document.get("billsec")),
+        did_mcn=did_mcn,
     )
 
 

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
@@ -35,9 +35,11 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
+from exporter.callers import caller_gauges, caller_zero_rows
 from exporter.calls import Clock
 from exporter.config import Config
 from exporter.events import EVENT_KINDS, UNKNOWN_EVENT, Direction, Service, Step
+from exporter.hours import ALWAYS_OPEN, Calendar
 from exporter.legs import LEG_LABELS, CounterRow, Outcome, TallyKind, TallyLayout, TimingRow
 from exporter.rejections import COUNTED_REASONS, Reason
 from exporter.store import CallStore, StoreSnapshot, TimingSeries
@@ -96,6 +98,56 @@ OPEN_NEXT_CHANGE = MetricSpec(
     "Unix time at which mcn_open of the account next changes; absent when it never does.",
     ("account",),
 )
+# The caller level (docs/design.md, "Callers and call-backs"): callers' calls, not legs.
+INBOUND_CALLS = MetricSpec(
+    "mcn_inbound_calls",
+    "Callers' inbound calls settled (all the legs rung for one caller's call), by outcome; "
+    "period: open or closed by the opening hours when the call started.",
+)
+INBOUND_WAIT = MetricSpec(
+    "mcn_inbound_call_wait_seconds",
+    "Callers' wait: first ring to answer (answered), or to the last leg's end (missed),"
+    " in seconds.",
+)
+INBOUND_RINGING = MetricSpec(
+    "mcn_inbound_calls_ringing",
+    "Callers' calls ringing now that nobody has answered yet.",
+    ("account", "line"),
+)
+CALLERS_WAITING = MetricSpec(
+    "mcn_missed_callers_waiting",
+    "Missed callers waiting for a call back now.",
+    ("account", "line"),
+)
+OLDEST_WAIT = MetricSpec(
+    "mcn_missed_callers_oldest_wait_seconds",
+    "How long the longest-waiting missed caller has waited, in open seconds (opening hours); "
+    "0 when nobody waits.",
+    ("account",),
+)
+OLDEST_WAIT_WALL = MetricSpec(
+    "mcn_missed_callers_oldest_wait_wall_seconds",
+    "How long the longest-waiting missed caller has waited, in wall-clock seconds; "
+    "0 when nobody waits.",
+    ("account",),
+)
+CALLERS_RESOLVED = MetricSpec(
+    "mcn_missed_callers_resolved",
+    "Missed callers who stopped waiting: called_back, called_again or gave_up; "
+    "period: that of their first missed call.",
+)
+CALLBACK_SECONDS = MetricSpec(
+    "mcn_callback_seconds",
+    "First missed call to called_back or called_again, in open seconds (opening hours).",
+)
+REPEAT_MISSED = MetricSpec(
+    "mcn_repeat_missed_calls",
+    "Missed calls from a caller already waiting for a call back.",
+)
+CALLBACK_ATTEMPTS = MetricSpec(
+    "mcn_callback_attempts",
+    "Outbound calls to a caller waiting for a call back, answered or unanswered.",
+)
 BUILD_INFO = MetricSpec(
     "mcn_exporter_build_info", "Version of the exporter; always 1.", ("version",)
 )
@@ -106,8 +158,17 @@ TALLY_METRICS = {
     TallyKind.ENDED: CALLS_ENDED,
     TallyKind.UNMATCHED: EVENTS_UNMATCHED,
     TallyKind.OVERFLOW: EXTENSION_OVERFLOW,
+    TallyKind.INBOUND_CALLS: INBOUND_CALLS,
+    TallyKind.CALLERS_RESOLVED: CALLERS_RESOLVED,
+    TallyKind.REPEAT_MISSED: REPEAT_MISSED,
+    TallyKind.CALLBACK_ATTEMPTS: CALLBACK_ATTEMPTS,
 }
-TIMING_METRICS = {TallyKind.RING: RING_SECONDS, TallyKind.TALK: TALK_SECONDS}
+TIMING_METRICS = {
+    TallyKind.RING: RING_SECONDS,
+    TallyKind.TALK: TALK_SECONDS,
+    TallyKind.INBOUND_WAIT: INBOUND_WAIT,
+    TallyKind.CALLBACK: CALLBACK_SECONDS,
+}
 
 INBOUND_OUTCOMES: tuple[Outcome, ...] = (
     Outcome.ANSWERED,
@@ -137,15 +198,25 @@ class RejectionCounter:
 
 
 class StoreCollector(Collector):
-    """Call metrics read from the call store at scrape time."""
+    """Call metrics read from the call store at scrape time.
 
-    def __init__(self, store: CallStore) -> None:
+    With the config, the caller gauges show 0 for every configured account and line, and the
+    oldest waits count open seconds by each account's hours; `clock` dates them.
+    """
+
+    def __init__(
+        self, store: CallStore, config: Config | None = None, clock: Clock = time.time
+    ) -> None:
         self._store = store
         self._layout = store.layout
+        self._config = config
+        self._clock = clock
+        self._lines = {} if config is None else config.lines()
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._store.snapshot()
         yield _active_calls(snapshot)
+        yield from self._caller_gauges(snapshot)
         for kind, spec in TALLY_METRICS.items():
             family = CounterMetricFamily(
                 spec.name, spec.help, labels=self._layout.label_names(kind)
@@ -156,6 +227,28 @@ class StoreCollector(Collector):
         for kind, spec in TIMING_METRICS.items():
             yield self._histogram(kind, spec, snapshot.timings.get(kind, []))
         yield _last_events(snapshot)
+
+    def _caller_gauges(self, snapshot: StoreSnapshot) -> Iterator[GaugeMetricFamily]:
+        lines = self._lines
+        gauges = caller_gauges(
+            snapshot.ringing_calls,
+            snapshot.waiting_callers,
+            snapshot.first_misses,
+            self._calendar,
+            self._clock(),
+            lines,
+        )
+        zero = {(account, line) for account, own in lines.items() for line in own.label_values()}
+        yield _per_line(INBOUND_RINGING, gauges.ringing, zero)
+        yield _per_line(CALLERS_WAITING, gauges.waiting, zero)
+        yield _per_account(OLDEST_WAIT, gauges.oldest_wait_seconds)
+        yield _per_account(OLDEST_WAIT_WALL, gauges.oldest_wait_wall_seconds)
+
+    def _calendar(self, account: int) -> Calendar:
+        # An account no longer configured may still have callers waiting: always open then.
+        if self._config is None or account not in self._config.accounts:
+            return ALWAYS_OPEN
+        return self._config.calendar(account)
 
     def _histogram(
         self, kind: TallyKind, spec: MetricSpec, series: list[TimingSeries]
@@ -259,7 +352,7 @@ def build_metrics(
     store: CallStore, config: Config, multiprocess_dir: str | None, clock: Clock = time.time
 ) -> tuple[RejectionCounter, Scrape]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(store))
+    registry.register(StoreCollector(store, config, clock))
     registry.register(ConfigCollector(config))
     registry.register(HoursCollector(config, clock))
     if multiprocess_dir:
@@ -307,6 +400,7 @@ def initial_rows(config: Config, layout: TallyLayout) -> list[CounterRow | Timin
             ):
                 leg = (str(account), service.value, direction.value, "")
                 rows.extend(_zero_timings(layout, leg, outcomes))
+    rows.extend(caller_zero_rows(layout, config.lines()))
     return rows
 
 
@@ -334,6 +428,23 @@ def _active_calls(snapshot: StoreSnapshot) -> GaugeMetricFamily:
         values[key] = count
     for key, count in sorted(values.items()):
         family.add_metric(key, count)
+    return family
+
+
+def _per_line(
+    spec: MetricSpec, values: Mapping[tuple[int, str], int], zero: Iterable[tuple[int, str]]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
+    series = {**dict.fromkeys(zero, 0), **values}
+    for (account, line), value in sorted(series.items()):
+        family.add_metric((str(account), line), value)
+    return family
+
+
+def _per_account(spec: MetricSpec, values: Mapping[int, float]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
+    for account, value in sorted(values.items()):
+        family.add_metric((str(account),), value)
     return family
 
 

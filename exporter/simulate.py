@@ -349,7 +349,8 @@ class TrafficPlan:
         call = self._call(account, with_call_id=True)
         call.send("onInCallingMissed", ext, pause=False)
         self.truth.add("mcn_call_events_unmatched_total", {"event_type": "onInCallingMissed"})
-        self._caller_missed(call)
+        # No leg was seen to start ringing: the call's wait is unknown, and not observed.
+        self._caller_missed(call, waited=False)
         return self._ended(call, account, "vpbx", "inbound", ext, "missed")
 
     def _unknown_event(self, account: int) -> PlannedCall:
@@ -549,9 +550,9 @@ class TrafficPlan:
     def _caller_answered(self, call: _CallScript) -> None:
         self._caller_call(call, "answered")
 
-    def _caller_missed(self, call: _CallScript) -> None:
+    def _caller_missed(self, call: _CallScript, waited: bool = True) -> None:
         """A missed call: its caller now waits for a call back, unless already waiting."""
-        self._caller_call(call, "missed")
+        self._caller_call(call, "missed", waited)
         caller = call.caller
         if caller.subscriber is None:
             return
@@ -562,10 +563,14 @@ class TrafficPlan:
             caller.waiting = True
             self._caller_truth.add("mcn_missed_callers_waiting", labels)
 
-    def _caller_call(self, call: _CallScript, outcome: str) -> None:
+    def _caller_call(self, call: _CallScript, outcome: str, waited: bool = True) -> None:
+        """A caller's call settled; `waited` unless none of its legs was seen to ring."""
         labels = {"account": str(call.account), "line": call.caller.line}
         self._caller_truth.add("mcn_inbound_calls_ringing", labels, 0)
-        for sample in ("mcn_inbound_calls_total", "mcn_inbound_call_wait_seconds_count"):
+        samples = ["mcn_inbound_calls_total"]
+        if waited:
+            samples.append("mcn_inbound_call_wait_seconds_count")
+        for sample in samples:
             self._by_period.append(
                 _PeriodSample(sample, call.account, {**labels, "outcome": outcome}, call.planned)
             )

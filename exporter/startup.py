@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from exporter.callers import CallerSettings
 from exporter.calls import CallTracker, Clock, TrackerSettings
 from exporter.config import Config, StoreConfig, mask_password
 from exporter.events import WebhookParser
@@ -115,6 +116,9 @@ def tally_layout(config: Config) -> TallyLayout:
         ring_buckets=config.metrics.ring_buckets,
         talk_buckets=config.metrics.talk_buckets,
         timings_by_extension=config.metrics.histogram_extension_label,
+        # Always, with or without hours: "open" when the account has none, so that rules and
+        # dashboards read one set of series whatever the configuration.
+        caller_period=True,
     )
 
 
@@ -312,6 +316,22 @@ def _is_damaged_file(exc: BaseException | None) -> bool:
     return False
 
 
+def tracker_settings(config: Config) -> TrackerSettings:
+    return TrackerSettings(
+        max_duration=config.calls.max_duration,
+        duplicate_window=config.calls.duplicate_window,
+        max_extensions=config.limits.max_extensions,
+        callers=CallerSettings(
+            group_window=config.callers.group_window,
+            settle=config.callers.settle,
+            give_up_after=config.callbacks.give_up_after,
+            match_digits=config.callbacks.match_digits,
+        ),
+        lines=config.lines(),
+        calendar=config.calendar,
+    )
+
+
 def build_deps(
     config: Config,
     clock: Clock = time.time,
@@ -327,11 +347,7 @@ def build_deps(
 
     store = open_store(config, tally_layout(config), prepared=store_prepared)
     rejections, scrape = build_metrics(store, config, multiprocess_dir, clock)
-    settings = TrackerSettings(
-        max_duration=config.calls.max_duration,
-        duplicate_window=config.calls.duplicate_window,
-        max_extensions=config.limits.max_extensions,
-    )
+    settings = tracker_settings(config)
     return Deps(
         config=config,
         parser=WebhookParser(config.secrets()),

@@ -288,7 +288,11 @@ def server_config(tmp_path: Path) -> Callable[..., Path]:
     """Writes a config file for a real server; keyword arguments replace whole sections."""
 
     def write(name: str = "config", **sections: Any) -> Path:
-        """`name` names the config file and, unless it is "config", the store file too."""
+        """`name` names the config file and, unless it is "config", the store file too.
+
+        Callers' calls settle after 3 s, not 30: simulate waits that long before its call-backs.
+        """
+        sections.setdefault("callers", {"settle": "3s", "group_window": "2s"})
         if name != "config":
             sections.setdefault("store", {"path": str(tmp_path / f"{name}.sqlite3")})
         path = tmp_path / f"{name}.yaml"

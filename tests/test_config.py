@@ -52,6 +52,39 @@ def test_defaults_of_a_minimal_config() -> None:
     assert {5.0, 10.0, 20.0, 30.0, 60.0} <= set(DEFAULT_RING_BUCKETS)
 
 
+def test_caller_defaults() -> None:
+    config = parse_config(MINIMAL)
+    assert config.callers.group_window == 10
+    assert config.callers.settle == 30
+    assert config.callbacks.give_up_after == 72 * 3600
+    assert config.callbacks.match_digits == 9
+    assert config.lines()[10123].label_values() == ("", "other")
+
+
+def test_lines_match_by_their_last_digits_and_unquoted_numbers_are_taken() -> None:
+    config = parse_config(
+        {
+            "accounts": [
+                {
+                    "id": 1,
+                    "secret": "x",
+                    "lines": {"0222202999": "Main line", 421850123456: "Sales"},
+                }
+            ],
+            "callers": {"group_window": "5s", "settle": "1m"},
+            "callbacks": {"give_up_after": "48h", "match_digits": 8},
+        }
+    )
+    lines = config.lines()[1]
+    assert lines.line("+421 2 2220 2999") == "Main line"
+    assert lines.line("0850 123 456") == "Sales"
+    assert lines.line("0999888777") == "other"
+    assert lines.line(None) == ""
+    assert lines.match_digits == 8
+    assert (config.callers.group_window, config.callers.settle) == (5, 60)
+    assert config.callbacks.give_up_after == 48 * 3600
+
+
 def test_config_is_frozen() -> None:
     config = parse_config(MINIMAL)
     with pytest.raises(AttributeError):
@@ -194,6 +227,53 @@ def test_secret_file_relative_to_the_config(tmp_path: Path) -> None:
             "calls.max_duration: must be a positive duration",
         ),
         ([1, 2], "(root): must be a mapping, not a list"),
+        (
+            {"accounts": [{"id": 1, "secret": "x", "lines": {"0222202999": "other"}}]},
+            "accounts[0].lines.0222202999: 'other' is the line of unconfigured numbers",
+        ),
+        (
+            {"accounts": [{"id": 1, "secret": "x", "lines": {"0222202999": ""}}]},
+            "accounts[0].lines.0222202999: the line's name must not be empty",
+        ),
+        (
+            {"accounts": [{"id": 1, "secret": "x", "lines": {"0222202999": 5}}]},
+            "accounts[0].lines.0222202999: must be the line's name, a string",
+        ),
+        (
+            {"accounts": [{"id": 1, "secret": "x", "lines": {"main": "Main line"}}]},
+            "accounts[0].lines.main: a company number needs at least one digit",
+        ),
+        (
+            {"accounts": [{"id": 1, "secret": "x", "lines": {"0222202999": "a\nb"}}]},
+            "accounts[0].lines.0222202999: must be at most 64 printable characters",
+        ),
+        (
+            {
+                "accounts": [
+                    {
+                        "id": 1,
+                        "secret": "x",
+                        "lines": {"0222202999": "Main", "+421 2 2220 2999": "Main again"},
+                    }
+                ]
+            },
+            "accounts[0].lines.+421 2 2220 2999: matches the same number as 0222202999",
+        ),
+        ({"accounts": [{"id": 1, "secret": "x", "lines": ["0222202999"]}]}, "accounts[0].lines:"),
+        ({**MINIMAL, "callers": {"settle": "soon"}}, "callers.settle: must be a positive duration"),
+        (
+            {**MINIMAL, "callers": {"group_window": "40s"}},
+            "callers.group_window: must not be longer than callers.settle (30s), not 40s",
+        ),
+        ({**MINIMAL, "callers": {"window": 1}}, "callers.window: unknown key"),
+        (
+            {**MINIMAL, "callbacks": {"give_up_after": 0}},
+            "callbacks.give_up_after: must be a positive duration",
+        ),
+        (
+            {**MINIMAL, "callbacks": {"match_digits": 16}},
+            "callbacks.match_digits: must be an integer from 4 to 15, not 16",
+        ),
     ],
 )
 def test_each_error_names_its_key_path(document: Any, error: str) -> None:

@@ -122,6 +122,16 @@ def test_extension_characters_of_the_spec_are_allowed() -> None:
     assert event.abon == "*12#+_-aZ"
 
 
+def test_the_company_number_is_carried_for_the_line_label() -> None:
+    event = parser.parse(webhook("vpbx-inbound-answered"))
+    assert event.did_mcn is not None
+    assert event.did_mcn.endswith("233005500")
+    assert (
+        parse(event_type="onInCallingStart", abon="1", secret=SECRET, account_id=ACCOUNT).did_mcn
+        is None
+    )
+
+
 def test_phone_numbers_stay_out_of_the_event_repr() -> None:
     event = parser.parse(webhook("vpbx-inbound-answered"))
     assert "421222202999" not in repr(event)

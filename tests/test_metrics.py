@@ -57,6 +57,41 @@ def test_series_of_configured_accounts_and_extensions_start_at_zero(
     )
 
 
+CALLER_FAMILIES = {
+    "mcn_inbound_calls_total": "counter",
+    "mcn_inbound_call_wait_seconds": "histogram",
+    "mcn_inbound_calls_ringing": "gauge",
+    "mcn_missed_callers_waiting": "gauge",
+    "mcn_missed_callers_oldest_wait_seconds": "gauge",
+    "mcn_missed_callers_oldest_wait_wall_seconds": "gauge",
+    "mcn_missed_callers_resolved_total": "counter",
+    "mcn_callback_seconds": "histogram",
+    "mcn_repeat_missed_calls_total": "counter",
+    "mcn_callback_attempts_total": "counter",
+}
+
+
+def test_the_caller_families_are_declared_once_with_their_types(exporter: Exporter) -> None:
+    text = exporter.client.simulate_get("/metrics").text
+    types = [line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE ")]
+    names = [name for name, _ in types]
+    assert len(names) == len(set(names)), "a family is rendered twice"
+    assert {name: kind for name, kind in types if name in CALLER_FAMILIES} == CALLER_FAMILIES
+
+
+def test_caller_histograms_have_the_ring_and_callback_buckets(exporter: Exporter) -> None:
+    account = str(ACCOUNT)
+    wait = {"account": account, "line": "", "outcome": "missed", "period": "open"}
+    for ring_bound in DEFAULT_RING_BUCKETS:
+        le = str(ring_bound)
+        assert value(exporter, "mcn_inbound_call_wait_seconds_bucket", **wait, le=le) == 0
+    callback = {"account": account, "resolution": "called_back"}
+    for bound in ("300.0", "900.0", "1800.0", "3600.0", "7200.0", "14400.0", "28800.0"):
+        assert value(exporter, "mcn_callback_seconds_bucket", **callback, le=bound) == 0
+    for bound in ("86400.0", "259200.0", "+Inf"):
+        assert value(exporter, "mcn_callback_seconds_bucket", **callback, le=bound) == 0
+
+
 def test_no_created_series(exporter: Exporter) -> None:
     exporter.event("onInCallingStart", abon="1")
     text = exporter.client.simulate_get("/metrics").text

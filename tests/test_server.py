@@ -24,6 +24,17 @@ pytestmark = pytest.mark.server
 
 StartServer = Callable[..., ServerProcess]
 EXTENSIONS = {str(ACCOUNT): {str(n): f"Desk {n}" for n in range(101, 113)}}
+# The caller level on a short settle, so that the run's last missed calls settle soon after it.
+CALLERS = {"settle": "3s", "group_window": "2s"}
+SETTLE = ("--settle", "3")
+ACCOUNTS = [
+    {
+        "id": ACCOUNT,
+        "secret": SECRET,
+        "name": "Main office",
+        "lines": {"0222202999": "Main line", "0850123456": "Sales"},
+    }
+]
 
 
 def simulate_command(server: ServerProcess, *args: str) -> list[str]:
@@ -83,6 +94,29 @@ def assert_matches_truth(samples: Samples, truth: dict[str, Any]) -> None:
     assert checked > 0
 
 
+def assert_callers_match_truth(server: ServerProcess, truth: dict[str, Any]) -> None:
+    """Every caller-level sample simulate expects, exactly, once its last missed calls settled.
+
+    The scrape settles the calls whose time has come, as it expires legs.
+    """
+    time.sleep(float(truth["callers"]["settle"]) + 1.5)
+    samples = server.samples()
+    checked = 0
+    for name, expected_samples in truth["callers"]["samples"].items():
+        expected = {
+            tuple(sorted(s["labels"].items())): s["value"] for s in expected_samples if s["value"]
+        }
+        shown = {labels: value for labels, value in samples.get(name, {}).items() if value}
+        assert shown == expected, name
+        checked += sum(expected.values())
+    assert checked > 0
+    account = (("account", str(ACCOUNT)),)
+    waiting = sum(samples["mcn_missed_callers_waiting"].values())
+    assert waiting > 0, "some callers are never called back"
+    assert samples["mcn_missed_callers_oldest_wait_seconds"][account] > 0
+    assert samples["mcn_missed_callers_oldest_wait_wall_seconds"][account] > 0
+
+
 def assert_no_rejections(samples: Samples) -> None:
     """Every reason's series is shown, at zero: a missing series would also read as none."""
     rejected = samples.get("mcn_webhook_rejected_total", {})
@@ -96,19 +130,22 @@ def events_delivered(server: ServerProcess) -> float:
 def test_simulated_traffic_under_three_workers_matches_the_ground_truth_exactly(
     start_server: StartServer,
 ) -> None:
-    server = start_server(workers=3, extensions=EXTENSIONS)
+    server = start_server(workers=3, extensions=EXTENSIONS, accounts=ACCOUNTS, callers=CALLERS)
 
-    truth = run_simulate(server, "--calls", "2000", "--concurrency", "32", "--pace", "0.02")
+    truth = run_simulate(
+        server, "--calls", "2000", "--concurrency", "32", "--pace", "0.02", *SETTLE
+    )
 
     assert truth["events"] >= 5000
     assert truth["failed"] == 0
     assert_matches_truth(server.samples(), truth)
+    assert_callers_match_truth(server, truth)
 
 
 def test_a_worker_killed_midway_loses_no_call(start_server: StartServer) -> None:
-    server = start_server(workers=3, extensions=EXTENSIONS)
+    server = start_server(workers=3, extensions=EXTENSIONS, accounts=ACCOUNTS, callers=CALLERS)
     simulate = start_simulate(
-        server, "--calls", "2500", "--concurrency", "32", "--pace", "0.02", "--seed", "7"
+        server, "--calls", "2500", "--concurrency", "32", "--pace", "0.02", "--seed", "7", *SETTLE
     )
     killed = []
     for threshold in (1500, 4000):
@@ -127,12 +164,13 @@ def test_a_worker_killed_midway_loses_no_call(start_server: StartServer) -> None
     assert truth["retries"] > 0  # the kills cut deliveries short, and the simulator resent them
     assert not set(killed) & set(server.worker_pids())
     assert_matches_truth(server.samples(), truth)
+    assert_callers_match_truth(server, truth)
 
 
 def test_a_restart_midway_loses_no_call(start_server: StartServer) -> None:
-    server = start_server(workers=3, extensions=EXTENSIONS)
+    server = start_server(workers=3, extensions=EXTENSIONS, accounts=ACCOUNTS, callers=CALLERS)
     simulate = start_simulate(
-        server, "--calls", "2000", "--concurrency", "32", "--pace", "0.02", "--seed", "11"
+        server, "--calls", "2000", "--concurrency", "32", "--pace", "0.02", "--seed", "11", *SETTLE
     )
     deadline = time.monotonic() + 120
     while events_delivered(server) < 2000 and time.monotonic() < deadline:
@@ -146,6 +184,12 @@ def test_a_restart_midway_loses_no_call(start_server: StartServer) -> None:
     assert truth["events"] >= 5000
     assert truth["retries"] > 0  # deliveries during the restart were refused, then resent
     assert_matches_truth(server.samples(), truth)
+    assert_callers_match_truth(server, truth)
+    # Callers still waiting are kept across a restart too.
+    waiting = server.samples()["mcn_missed_callers_waiting"]
+    assert server.stop(signal.SIGTERM) == 0
+    server.start()
+    assert server.samples()["mcn_missed_callers_waiting"] == waiting
 
 
 def test_calls_open_across_a_restart_stay_active_and_their_talk_time_spans_it(

@@ -28,6 +28,11 @@ def start(call_id: str | None, abon: str = "108", did: str | None = CALLER) -> C
     return CallEvent("onInCallingStart", kind, ACCOUNT, Service.VPBX, abon, did, call_id)
 
 
+def event(event_type: str, call_id: str) -> CallEvent:
+    kind = EVENT_KINDS[event_type]
+    return CallEvent(event_type, kind, ACCOUNT, Service.VPBX, "108", CALLER, call_id)
+
+
 def start_threads(target: Callable[[int], None], count: int = 8) -> list[threading.Thread]:
     threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
     for thread in threads:
@@ -94,13 +99,13 @@ def test_a_store_of_a_newer_schema_is_refused_before_anything_is_written(tmp_pat
     path = tmp_path / "calls.sqlite3"
     SqliteCallStore(path, LAYOUT).close()
     with sqlite3.connect(path) as connection:
-        connection.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        connection.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
         connection.execute("DROP TABLE counters")
         connection.execute("PRAGMA journal_mode=DELETE")
     connection.close()
     before = path.read_bytes()
 
-    with pytest.raises(StoreUnavailable, match="schema version 2, this exporter reads version 1"):
+    with pytest.raises(StoreUnavailable, match="schema version 3, this exporter reads version 2"):
         SqliteCallStore(path, LAYOUT)
 
     assert path.read_bytes() == before  # not even switched to WAL mode
@@ -110,16 +115,93 @@ def test_a_store_of_a_newer_schema_is_refused_before_anything_is_written(tmp_pat
     assert "counters" not in tables  # not recreated
 
 
+# The schema of version 1, as the exporter before the caller level created it.
+SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE legs (
+    id INTEGER PRIMARY KEY, account INTEGER NOT NULL, service TEXT NOT NULL,
+    direction TEXT NOT NULL, abon TEXT NOT NULL, extension TEXT NOT NULL, party TEXT,
+    call_id TEXT, opened_at REAL NOT NULL, started_at REAL, answered_at REAL, closed_at REAL,
+    outcome TEXT
+);
+CREATE UNIQUE INDEX legs_by_call_id ON legs (account, call_id, abon) WHERE call_id IS NOT NULL;
+CREATE INDEX legs_by_party
+    ON legs (account, service, direction, abon, party, opened_at) WHERE call_id IS NULL;
+CREATE INDEX legs_open ON legs (opened_at) WHERE closed_at IS NULL;
+CREATE INDEX legs_closed ON legs (closed_at) WHERE closed_at IS NOT NULL;
+CREATE TABLE active_legs (
+    account INTEGER, service TEXT, direction TEXT, extension TEXT, count INTEGER NOT NULL,
+    PRIMARY KEY (account, service, direction, extension)
+) WITHOUT ROWID;
+CREATE TABLE counters (
+    kind TEXT, labels TEXT, value REAL NOT NULL, PRIMARY KEY (kind, labels)
+) WITHOUT ROWID;
+CREATE TABLE timings (
+    kind TEXT, labels TEXT, bucket REAL, count INTEGER NOT NULL, total REAL NOT NULL,
+    PRIMARY KEY (kind, labels, bucket)
+) WITHOUT ROWID;
+CREATE TABLE extensions (account INTEGER, extension TEXT, PRIMARY KEY (account, extension))
+    WITHOUT ROWID;
+CREATE TABLE last_events (
+    account INTEGER, service TEXT, at REAL NOT NULL, PRIMARY KEY (account, service)
+) WITHOUT ROWID;
+INSERT INTO meta VALUES ('schema_version', '1'), ('party_key', '00112233445566778899aabbccddeeff');
+"""
+
+
+def test_a_store_of_the_previous_schema_is_upgraded_and_keeps_its_legs_and_totals(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "calls.sqlite3"
+    connection = sqlite3.connect(path)
+    connection.executescript(SCHEMA_V1)
+    opened = clock.now - 5
+    connection.execute(
+        "INSERT INTO legs (account, service, direction, abon, extension, call_id, opened_at,"
+        " started_at) VALUES (?, 'vpbx', 'inbound', '108', '108', 'old-call', ?, ?)",
+        (ACCOUNT, opened, opened),
+    )
+    connection.execute(
+        "INSERT INTO active_legs VALUES (?, 'vpbx', 'inbound', '108', 1)", (ACCOUNT,)
+    )
+    connection.execute(
+        "INSERT INTO counters VALUES ('started', ?, 1)", (f'["{ACCOUNT}","vpbx","inbound","108"]',)
+    )
+    connection.commit()
+    connection.close()
+
+    store = SqliteCallStore(path, TallyLayout((5.0,), (60.0,), caller_period=True))
+    tracker = CallTracker(store, TrackerSettings(), clock)
+    # The leg from before the upgrade closes as it would have; it belongs to no caller's call.
+    tracker.on_event(event("onInCallingMissed", "old-call"))
+    tracker.on_event(event("onInCallingStart", "new-call"))
+    tracker.on_event(event("onInCallingMissed", "new-call"))
+    clock.advance(31)
+    tracker.expire_stale()
+    snapshot = store.snapshot()
+    store.close()
+
+    leg = (str(ACCOUNT), "vpbx", "inbound", "108")
+    assert snapshot.counters[TallyKind.STARTED] == {leg: 2}
+    assert snapshot.counters[TallyKind.ENDED] == {(*leg, "missed"): 2}
+    assert snapshot.counters[TallyKind.INBOUND_CALLS] == {(str(ACCOUNT), "", "missed", "open"): 1}
+    assert snapshot.waiting_callers == {(ACCOUNT, ""): 1}
+    with sqlite3.connect(path) as connection:
+        version = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+        assert version.fetchone() == ("2",)
+    connection.close()
+
+
 def test_the_exporter_refuses_to_start_on_a_store_of_a_newer_schema(tmp_path: Path) -> None:
     config = parse_config(base_config(tmp_path))
     initialise_store(config)
     with sqlite3.connect(config.store.path) as connection:
-        connection.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        connection.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     connection.close()
     with pytest.raises(StartupError) as refused:
         initialise_store(config)
     assert str(refused.value) == (
-        f"call store {config.store.path} holds schema version 2, this exporter reads version 1:"
+        f"call store {config.store.path} holds schema version 3, this exporter reads version 2:"
         " it was written by a newer exporter; run that one, or move the file away to start with"
         " an empty store"
     )

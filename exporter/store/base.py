@@ -11,6 +11,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# Only the caller level's storage interface and its records, never its rules.
+from exporter.callers import CallerBook
 from exporter.events import Direction, Service
 from exporter.legs import CounterRow, Leg, LegLabels, Tally, TallyKind, TallyLayout, TimingRow
 
@@ -49,6 +51,10 @@ class StoreSnapshot:
     timings: dict[TallyKind, list[TimingSeries]] = field(default_factory=dict)
     active: dict[LegLabels, int] = field(default_factory=dict)
     last_events: dict[tuple[int, Service], float] = field(default_factory=dict)
+    # The caller level's gauges, as its book aggregates them (CallerBook).
+    ringing_calls: dict[tuple[int, str], int] = field(default_factory=dict)
+    waiting_callers: dict[tuple[int, str], int] = field(default_factory=dict)
+    first_misses: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,13 @@ class StoreTransaction(Protocol):
     def touch(self, account: int, service: Service, at: float) -> None: ...
 
     def record(self, tallies: Iterable[Tally]) -> None: ...
+
+    @property
+    def callers(self) -> CallerBook:
+        """The caller level's book, read and written in this same transaction."""
+
+    def digest(self, number: str) -> str:
+        """The keyed digest of a number, by this store's key: the only form it is kept in."""
 
 
 class CallStore(Protocol):

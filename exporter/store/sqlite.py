@@ -30,10 +30,14 @@ from exporter.store.base import (
 from exporter.store.digests import new_party_key, party_digest
 from exporter.store.groupcommit import FileId, GroupCommit, ProcessLock, _file_id
 from exporter.store.rows import LEG_COLUMNS, _key, _labels, _leg, _timing_series
+from exporter.store.sqlite_callers import CALLER_SCHEMA, SqliteCallerBook
 
 R = TypeVar("R")
 log = logging.getLogger("exporter.store")
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# Versions this exporter upgrades in place. 1 -> 2 adds the caller level's tables (created
+# empty: callers start being counted from the upgrade on; legs and totals are kept).
+UPGRADABLE_VERSIONS = frozenset({"1"})
 BUSY_TIMEOUT_MS = 10_000
 LOCK_TIMEOUT = 10.0  # seconds a write waits for its turn, by default
 CHECKPOINT_COMMITS = 100  # about as often as SQLite's default of 1,000 WAL pages
@@ -327,11 +331,14 @@ class SqliteCallStore:
             new = not connection.execute(
                 "SELECT 1 FROM sqlite_master WHERE name = 'meta'"
             ).fetchone()
-            for statement in SCHEMA.split(";"):
+            for statement in (SCHEMA + CALLER_SCHEMA).split(";"):
                 if statement.strip():
                     connection.execute(statement)
+            # A new file gets the version; one of an upgradable version now has its tables.
             connection.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+                "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO UPDATE"
+                " SET value = excluded.value",
+                (SCHEMA_VERSION,),
             )
             connection.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('party_key', ?)", (new_party_key(),)
@@ -359,7 +366,7 @@ class SqliteCallStore:
         if not has_meta:
             return
         row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None or row[0] == SCHEMA_VERSION:
+        if row is None or row[0] == SCHEMA_VERSION or row[0] in UPGRADABLE_VERSIONS:
             return
         version = str(row[0])
         refusal = f"{self.path} holds schema version {version}, this exporter reads version"
@@ -566,6 +573,9 @@ class SqliteCallStore:
                 (account, Service(service)): at
                 for account, service, at in connection.execute("SELECT * FROM last_events")
             }
+            book = SqliteCallerBook(connection)
+            ringing, waiting = dict(book.ringing_calls()), dict(book.waiting_callers())
+            first_misses = dict(book.first_misses())
         finally:
             connection.execute("COMMIT")
         return StoreSnapshot(
@@ -573,6 +583,9 @@ class SqliteCallStore:
             timings=_timing_series(buckets, totals),
             active=active,
             last_events=last_events,
+            ringing_calls=ringing,
+            waiting_callers=waiting,
+            first_misses=first_misses,
         )
 
     def _guard(self, action: Callable[[], R]) -> R:
@@ -660,6 +673,18 @@ class _SqliteTransaction:
         self.connection = connection
         self.layout = layout
         self._party_key = key
+        self._callers: SqliteCallerBook | None = None
+
+    @property
+    def callers(self) -> SqliteCallerBook:
+        if self._callers is None:
+            self._callers = SqliteCallerBook(self.connection)
+        return self._callers
+
+    def digest(self, number: str) -> str:
+        digest = party_digest(self._party_key, number)
+        assert digest is not None
+        return digest
 
     def legs_matching(self, query: LegQuery) -> list[Leg]:
         if query.call_id is not None:

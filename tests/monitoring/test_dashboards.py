@@ -47,9 +47,18 @@ TARGET_SERIES = re.compile(r"\b(up|scrape_[a-z_]+)\b(\{[^}]*\})?")
 ALL_DISCOVERED = "(value-1|value-2)"
 # Grafana's unit ids used here (a typo shows as a raw number in Grafana, so catch it).
 UNITS = {"short", "none", "percentunit", "s", "cpm", "cps", "reqps", "ops"}
-PANEL_TYPES = {"stat", "timeseries", "table", "bargauge"}
+PANEL_TYPES = {"stat", "timeseries", "table", "bargauge", "state-timeline"}
 
 dashboards = pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.stem)
+
+
+def annotation_queries(dashboard: dict[str, Any]) -> list[str]:
+    """The PromQL of the dashboard's Prometheus annotations (Grafana's built-in one has none)."""
+    return [
+        str(annotation["expr"])
+        for annotation in dashboard.get("annotations", {}).get("list", [])
+        if "expr" in annotation
+    ]
 
 
 def test_the_dashboards_are_shipped() -> None:
@@ -220,6 +229,13 @@ def test_every_query_is_valid_promql(path: Path, tmp_path: Path) -> None:
                     "expr": substitute(target["expr"], values),
                 }
             )
+    for number, annotation in enumerate(annotation_queries(dashboard)):
+        rules.append(
+            {
+                "record": f"dashboard:annotation_{number}:expr",
+                "expr": substitute(annotation, values),
+            }
+        )
     rules_file = tmp_path / "queries.yml"
     rules_file.write_text(yaml.safe_dump({"groups": [{"name": "queries", "rules": rules}]}))
     done = run([promtool, "check", "rules", str(rules_file)])
@@ -234,18 +250,26 @@ def test_overview_covers_what_the_user_asks_each_morning() -> None:
         for p in iter_panels(overview["panels"])
     }
     wanted = {
-        "calls per minute": "mcn_calls_started_total",
+        "call legs per minute": "mcn_calls_started_total",
         "in progress by extension": "mcn_active_calls",
-        "missed calls, last 10 minutes": 'outcome=~"missed"',
-        "missed calls in the time range": "[$__range]",
-        "missed ratio": "answered|missed",
+        "missed callers, last 10 minutes": 'outcome="missed", period="open"}[10m]',
+        "missed callers in the time range": "[$__range]",
+        "missed ratio of callers": 'outcome=~"answered|missed", period="open"',
         "answer rate": 'outcome="answered"',
-        "service level": "mcn_call_ring_seconds_bucket",
+        "service level": "mcn_inbound_call_wait_seconds_bucket",
         "ring time": "histogram_quantile",
         "talk time": "mcn_call_talk_seconds_bucket",
-        "extensions: answered, missed and in progress": "mcn_active_calls",
-        "top 10 extensions by missed calls": "topk",
-        "against the usual": "account:mcn_calls_missed:rate1h_baseline",
+        "extensions: legs answered, missed and in progress": "mcn_active_calls",
+        "top 10 extensions by missed legs": "topk",
+        "against the usual": "account:mcn_inbound_calls_missed:rate1h_baseline",
+        # Callers, opening hours and call-backs.
+        "open or closed": "mcn_open",
+        "open hours and after hours": "by (outcome, period)",
+        "waiting for a call back now": "mcn_missed_callers_waiting",
+        "longest wait for a call back": "mcn_missed_callers_oldest_wait_seconds",
+        "time to call back": "mcn_callback_seconds_bucket",
+        "waiting for a call back, per line": "by (line)",
+        "lines: callers answered, missed, after hours": 'period="closed"',
     }
     for words, needle in wanted.items():
         matching = [t for t in exprs if words in t.lower()]
@@ -280,3 +304,25 @@ def test_provisioning_points_grafana_at_the_dashboards() -> None:
     # The path is where the docs mount grafana/dashboards in the Grafana container.
     mount = f"grafana/dashboards:{provider['options']['path']}"
     assert mount in (REPO / "docs" / "monitoring.md").read_text().replace("./", "")
+
+
+@dashboards
+def test_panels_per_extension_say_they_count_legs(path: Path) -> None:
+    """A ring group nobody answers is one missed caller but a missed leg at every phone."""
+    dashboard = load_dashboard(path)
+    for panel in iter_panels(dashboard["panels"]):
+        exprs = " ".join(t["expr"] for t in panel["targets"])
+        if re.search(r"by \([^)]*\bextension\b", exprs) and "mcn_calls_" in exprs:
+            assert "leg" in panel["title"].lower(), panel["title"]
+
+
+def test_overview_shades_open_hours_and_shows_after_hours_apart() -> None:
+    overview = load_dashboard(DASHBOARDS_DIR / "mcn-calls-overview.json")
+    assert any("mcn_open" in expr for expr in annotation_queries(overview))
+    exprs = [t["expr"] for p in iter_panels(overview["panels"]) for t in p["targets"]]
+    callers = [e for e in exprs if "mcn_inbound_calls_total" in e]
+    assert any('period="closed"' in e or "period)" in e for e in callers)
+    # Whatever counts missed callers as a failure counts only open-hours calls.
+    for expr in callers:
+        if 'outcome="missed"' in expr and "closed" not in expr:
+            assert 'period="open"' in expr, expr

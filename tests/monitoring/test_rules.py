@@ -35,6 +35,7 @@ from tests.monitoring.conftest import (
     variables,
     wait_until,
 )
+from tests.monitoring.test_dashboards import annotation_queries
 
 # The README's "Metrics": the exporter's metrics (names are fixed), and the samples they expose.
 SPEC_METRICS = {
@@ -50,13 +51,26 @@ SPEC_METRICS = {
     "mcn_extension_overflow_total": "counter",
     "mcn_extension_info": "gauge",
     "mcn_exporter_build_info": "gauge",
+    # Callers (every leg rung for one caller's call), call-backs and opening hours.
+    "mcn_inbound_calls_total": "counter",
+    "mcn_inbound_call_wait_seconds": "histogram",
+    "mcn_inbound_calls_ringing": "gauge",
+    "mcn_missed_callers_waiting": "gauge",
+    "mcn_missed_callers_oldest_wait_seconds": "gauge",
+    "mcn_missed_callers_oldest_wait_wall_seconds": "gauge",
+    "mcn_missed_callers_resolved_total": "counter",
+    "mcn_callback_seconds": "histogram",
+    "mcn_repeat_missed_calls_total": "counter",
+    "mcn_callback_attempts_total": "counter",
+    "mcn_open": "gauge",
+    "mcn_open_next_change_timestamp_seconds": "gauge",
 }
 SPEC_SAMPLES = {
     f"{name}{suffix}"
     for name, kind in SPEC_METRICS.items()
     for suffix in (("_bucket", "_count", "_sum") if kind == "histogram" else ("",))
 }
-SEVERITIES = {"critical", "warning"}
+SEVERITIES = {"critical", "warning", "info"}
 RUNBOOK_BASE = "https://github.com/mcn-exporter/mcn-exporter/blob/main/docs/runbooks.md#"
 
 
@@ -175,6 +189,7 @@ def _referenced_expressions(with_variables: bool = True) -> list[tuple[str, str]
         dashboard = load_dashboard(path)
         for panel in iter_panels(dashboard["panels"]):
             found += [(f"{path.name} {panel['title']}", t["expr"]) for t in panel["targets"]]
+        found += [(f"{path.name} annotation", expr) for expr in annotation_queries(dashboard)]
         for var in variables(dashboard).values():
             # label_values() of a variable lists distinct values: replicas do not matter there.
             if var["type"] == "query" and with_variables:
@@ -204,6 +219,19 @@ SHARED_METRICS = {
     "mcn_call_events_unmatched_total",
     "mcn_last_event_timestamp_seconds",
     "mcn_extension_overflow_total",
+    "mcn_inbound_calls_total",
+    "mcn_inbound_call_wait_seconds",
+    "mcn_inbound_calls_ringing",
+    "mcn_missed_callers_waiting",
+    "mcn_missed_callers_oldest_wait_seconds",
+    "mcn_missed_callers_oldest_wait_wall_seconds",
+    "mcn_missed_callers_resolved_total",
+    "mcn_callback_seconds",
+    "mcn_repeat_missed_calls_total",
+    "mcn_callback_attempts_total",
+    # Computed from the shared configuration's calendar: the same on every replica.
+    "mcn_open",
+    "mcn_open_next_change_timestamp_seconds",
 }
 # Each replica has its own: summed over the replicas (rejections), or per replica.
 PER_REPLICA_METRICS = {
@@ -367,6 +395,9 @@ def test_example_prometheus_config_is_valid_and_loads_every_rule_file() -> None:
         (["alertname=MCNWebhookFeedSilent", "severity=critical", "account=1"], "mcn-oncall"),
         (["alertname=MCNHighMissedRatio", "severity=warning", "account=1"], "mcn-team"),
         (["alertname=MCNWebhookUnauthorized", "severity=warning"], "mcn-team"),
+        (["alertname=MCNMissedCallersWaiting", "severity=warning", "account=1"], "mcn-team"),
+        # Information: to the team, never a page.
+        (["alertname=MCNAfterHoursDemand", "severity=info", "account=1"], "mcn-team"),
     ],
 )
 def test_example_alertmanager_config_routes_by_severity(labels: list[str], receiver: str) -> None:
