@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import astuple, dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from itertools import count
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -31,7 +32,8 @@ from exporter.callers import (
     MemoryCallerBook,
     WaitingCaller,
 )
-from exporter.events import Direction, Service
+from exporter.calls import CallTracker, TrackerSettings
+from exporter.events import EVENT_KINDS, CallEvent, Direction, Service
 from exporter.legs import (
     CallerTally,
     InboundCallSettled,
@@ -54,6 +56,7 @@ from exporter.store.pgcallers import (
     PostgresCallerBook,
 )
 from exporter.store.postgresql import PostgresCallStore
+from tests.conftest import FakeClock
 
 if TYPE_CHECKING:
     from tests.pgcluster import PgCluster
@@ -801,3 +804,84 @@ def test_a_store_of_schema_version_1_gains_the_caller_tables_and_keeps_its_legs(
     with psycopg.connect(postgres_url) as connection:
         row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     assert row == ("2",)
+
+
+def vpbx_event(
+    event_type: str, call_id: str | None, abon: str, did: str | None = CALLER
+) -> CallEvent:
+    kind = EVENT_KINDS[event_type]
+    return CallEvent(event_type, kind, ACCOUNT, kind.service, abon, did, call_id, None, MAIN)
+
+
+def all_at_once(changes: list[Callable[[], object]]) -> None:
+    """The changes in threads started together; the first error, if any, raised here."""
+    start = threading.Barrier(len(changes), timeout=TIMEOUT)
+    errors: list[BaseException] = []
+
+    def run(change: Callable[[], object]) -> None:
+        try:
+            start.wait()
+            change()
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(change,)) for change in changes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 2)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("call_id", [None, "ring-1"])
+def test_a_ring_group_rung_through_two_replicas_at_once_is_one_caller_called_back_once(
+    two_stores: tuple[PostgresCallStore, PostgresCallStore], call_id: str | None
+) -> None:
+    clock = FakeClock()
+    settings = TrackerSettings(lines=LINES)
+    trackers = [CallTracker(store, settings, clock) for store in two_stores]
+    abons = ("201", "202", "203", "204")
+
+    def each_leg(event_type: str) -> None:
+        all_at_once(
+            [
+                partial(trackers[n % 2].on_event, vpbx_event(event_type, call_id, abon))
+                for n, abon in enumerate(abons)
+            ]
+        )
+
+    each_leg("onInCallingStart")
+    clock.advance(20)
+    each_leg("onInCallingMissed")
+    clock.advance(31)
+    trackers[0].expire_stale()  # a scrape: the caller's call settles
+    snapshot = two_stores[1].snapshot()
+    assert snapshot.counters[TallyKind.INBOUND_CALLS][str(ACCOUNT), "Main line", "missed"] == 1
+    assert snapshot.waiting_callers == {(ACCOUNT, "Main line"): 1}
+    clock.advance(600)
+    # Called back from two extensions at once, the number written another way.
+    callee = "+421 903 123 456"
+    all_at_once(
+        [
+            partial(
+                trackers[n].on_event, vpbx_event("onOutCallingStart", f"back-{n}", abon, callee)
+            )
+            for n, abon in enumerate(("301", "302"))
+        ]
+    )
+    all_at_once(
+        [
+            partial(
+                trackers[n].on_event, vpbx_event("onOutCallingAnswered", f"back-{n}", abon, callee)
+            )
+            for n, abon in enumerate(("301", "302"))
+        ]
+    )
+    trackers[1].expire_stale()
+    snapshot = two_stores[0].snapshot()
+    resolved = snapshot.counters[TallyKind.CALLERS_RESOLVED]
+    assert resolved[str(ACCOUNT), "Main line", "called_back"] == 1
+    assert snapshot.counters[TallyKind.CALLBACK_ATTEMPTS] == {(str(ACCOUNT), "answered"): 1}
+    assert snapshot.waiting_callers == {}
+    assert snapshot.counters[TallyKind.INBOUND_CALLS][str(ACCOUNT), "Main line", "missed"] == 1

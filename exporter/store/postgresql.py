@@ -761,6 +761,8 @@ class _PostgresTransaction:
         )
         self._begun = True
         self._inserted.append((leg, cursor))  # its id is read with the change's next answer
+        if labels.service is Service.VPBX and labels.direction is Direction.INBOUND:
+            self._read_inserted_ids()  # now: the caller level records the leg by its id
         if leg.is_open:
             self._count_active(labels, +1)
 
@@ -1114,9 +1116,14 @@ def _read_snapshot(connection: psycopg.Connection[Any]) -> StoreSnapshot:
             "SELECT account, service, max(at) FROM last_events GROUP BY account, service"
         )
     }
+    # In the same read-only view: the gauges' aggregates take no lock.
+    book = PostgresCallerBook(connection)
     return StoreSnapshot(
         counters=counters,
         timings=_timing_series(buckets, totals),
         active=active,
         last_events=last_events,
+        ringing_calls=dict(book.ringing_calls()),
+        waiting_callers=dict(book.waiting_callers()),
+        first_misses=dict(book.first_misses()),
     )
