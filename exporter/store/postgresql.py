@@ -24,6 +24,10 @@ Locking, so that replicas never both act on one leg:
   expiry holds or closed is not taken again. Each leg expires once; expiry never waits for legs.
 - An extension's admission takes an advisory lock per account, so the limit holds across
   replicas. Admissions are never taken back: once committed, the writer remembers them.
+- The caller level's records (`pgcallers`) are under an advisory lock per account, which a vpbx
+  event takes right after its legs' lock and in the same way; expiry tries it and leaves the
+  legs of an account held elsewhere; settle sweeps only try it, and not in an event's change
+  before its legs are locked (see `may_sweep`).
 - Totals (counters, timings, active legs, last events) are accumulated in Python during the
   batch and written before its COMMIT with `INSERT ... ON CONFLICT DO UPDATE SET value = value
   + excluded.value`, tables in one fixed order and rows in key order, so two transactions never
