@@ -36,6 +36,9 @@ from exporter.legs import (
 )
 from exporter.numbers import Lines
 from exporter.store import SqliteCallStore
+from exporter.store.postgresql import PostgresCallStore
+
+pytest_plugins = ["tests.pgcluster"]
 
 Books = Callable[[], AbstractContextManager[CallerBook]]
 ACCOUNT = 1
@@ -70,11 +73,33 @@ def sqlite_books(_request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bo
         store.close()
 
 
+@contextmanager
+def postgresql_books(request: pytest.FixtureRequest, _tmp_path: Path) -> Iterator[Books]:
+    """A fresh database of the session's throwaway cluster (tests/pgcluster.py)."""
+    url = request.getfixturevalue("postgres_url")
+    store = PostgresCallStore(url, LAYOUT, connect_timeout=5.0, statement_timeout=30.0)
+
+    @contextmanager
+    def transaction() -> Iterator[CallerBook]:
+        with store.transaction() as tx:
+            yield tx.callers
+
+    try:
+        yield transaction
+    finally:
+        store.close()
+
+
 # Add a backend here: its name (a pytest.param with marks if it needs a server) and opener.
-BOOK_BACKENDS: list[object] = ["memory", "sqlite"]
+BOOK_BACKENDS: list[object] = [
+    "memory",
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.postgresql),
+]
 OPENERS: dict[str, Callable[[pytest.FixtureRequest, Path], AbstractContextManager[Books]]] = {
     "memory": memory_books,
     "sqlite": sqlite_books,
+    "postgresql": postgresql_books,
 }
 
 

@@ -75,9 +75,11 @@ def event(
     return CallEvent(event_type, kind, ACCOUNT, kind.service, abon, did, call_id, billsec)
 
 
-def query(call_id: str | None, did: str | None = CALLER, closed_since: float = 0.0) -> LegQuery:
+def query(
+    call_id: str | None, did: str | None = CALLER, closed_since: float = 0.0, account: int = ACCOUNT
+) -> LegQuery:
     """The legs an inbound vPBX event at extension 108 may belong to."""
-    return LegQuery(ACCOUNT, Service.VPBX, Direction.INBOUND, "108", call_id, did, closed_since)
+    return LegQuery(account, Service.VPBX, Direction.INBOUND, "108", call_id, did, closed_since)
 
 
 def leg(call_id: str | None, opened_at: float, labels: LegLabels = LABELS) -> Leg:
@@ -608,10 +610,10 @@ def test_a_lock_held_by_a_stalled_replica_fails_the_transaction_instead_of_hangi
 def test_a_newer_schema_is_refused_before_anything_is_written(postgres_url: str) -> None:
     open_postgres(postgres_url)().close()
     with psycopg.connect(postgres_url, autocommit=True) as connection:
-        connection.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        connection.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
         connection.execute("DROP TABLE counters")
 
-    with pytest.raises(StoreUnavailable, match="schema version 2, this exporter reads version 1"):
+    with pytest.raises(StoreUnavailable, match="schema version 3, this exporter reads version 2"):
         open_postgres(postgres_url)()
 
     with psycopg.connect(postgres_url, autocommit=True) as connection:
@@ -764,18 +766,21 @@ def test_batches_of_two_stores_locking_in_opposite_orders_do_not_deadlock(
 ) -> None:
     """Store A's batch holds call-1 and its next change wants call-2, which store B's batch
     holds while its next change wants call-1. Neither waits holding the other's want: a change
-    that would wait has its batch's earlier changes committed first."""
+    that would wait has its batch's earlier changes committed first. The calls are of two
+    accounts: their callers' locks, taken with the legs', are wanted in opposite orders too."""
     stores = [open_pg(postgres_url), open_pg(postgres_url)]
     both_hold = threading.Barrier(2, timeout=60)
+    accounts = {"call-1": ACCOUNT, "call-2": ACCOUNT + 1}
 
     def take(call_id: str) -> Change:
-        return lambda tx: tx.legs_matching(query(call_id, closed_since=0.0))
+        return lambda tx: tx.legs_matching(query(call_id, account=accounts[call_id]))
 
     def then_take(call_id: str) -> Change:
         def run(tx: Any) -> None:
             both_hold.wait()  # both batches hold their first call
-            tx.legs_matching(query(call_id, closed_since=0.0))
-            tx.insert_leg(leg(call_id, opened_at=100.0), CALLER)
+            tx.legs_matching(query(call_id, account=accounts[call_id]))
+            labels = LegLabels(accounts[call_id], Service.VPBX, Direction.INBOUND, "108")
+            tx.insert_leg(leg(call_id, opened_at=100.0, labels=labels), CALLER)
 
         return run
 
@@ -794,8 +799,8 @@ def test_batches_of_two_stores_locking_in_opposite_orders_do_not_deadlock(
     made = [store.writer.commits - before for store, before in zip(stores, commits, strict=True)]
     assert sorted(made) in ([1, 2], [2, 2])
     with stores[0].transaction() as tx:
-        assert leg_of(tx, "call-1") is not None
-        assert leg_of(tx, "call-2") is not None
+        for call_id, account in accounts.items():
+            assert len(tx.legs_matching(query(call_id, account=account))) == 1
     for store in stores:
         store.close()
 

@@ -24,6 +24,10 @@ Locking, so that replicas never both act on one leg:
   expiry holds or closed is not taken again. Each leg expires once; expiry never waits for legs.
 - An extension's admission takes an advisory lock per account, so the limit holds across
   replicas. Admissions are never taken back: once committed, the writer remembers them.
+- The caller level's records (`pgcallers`) are under an advisory lock per account, which a vpbx
+  event takes right after its legs' lock and in the same way; expiry tries it and leaves the
+  legs of an account held elsewhere; settle sweeps only try it, and not in an event's change
+  before its legs are locked (see `may_sweep`).
 - Totals (counters, timings, active legs, last events) are accumulated in Python during the
   batch and written before its COMMIT with `INSERT ... ON CONFLICT DO UPDATE SET value = value
   + excluded.value`, tables in one fixed order and rows in key order, so two transactions never
@@ -51,9 +55,18 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from exporter.events import Direction, Service
 from exporter.legs import CounterRow, Leg, LegLabels, Tally, TallyKind, TallyLayout, TimingRow
 from exporter.store.base import LegQuery, StoreSnapshot, StoreUnavailable
+from exporter.store.pgcallers import (
+    CALLER_SCHEMA,
+    LOCK_CALLERS,
+    TRY_LOCK_CALLERS,
+    PostgresCallerBook,
+)
 from exporter.store.rows import LEG_COLUMNS, _key, _labels, _leg, _timing_series
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# Versions this exporter upgrades in place. 1 -> 2 adds the caller level's tables (created
+# empty: callers are counted from the upgrade on; legs and totals are kept).
+UPGRADABLE_VERSIONS = frozenset({"1"})
 # Advisory lock classes: a constant of our own, so that other users of the database are not hit.
 LEG_LOCKS = 0x6D636E01
 EXTENSION_LOCKS = 0x6D636E02
@@ -279,18 +292,23 @@ class PostgresCallStore:
             # Replicas starting together would otherwise race on CREATE TABLE IF NOT EXISTS.
             connection.execute("SELECT pg_advisory_xact_lock(%s, 0)", (SCHEMA_LOCK,))
             version = _schema_version(connection)
-            if version is not None and version != SCHEMA_VERSION:
+            if version not in (None, SCHEMA_VERSION, *UPGRADABLE_VERSIONS):
                 raise StoreUnavailable(
                     f"the PostgreSQL database holds schema version {version}, this exporter "
                     f"reads version {SCHEMA_VERSION}"
                 )
-            for statement in SCHEMA.split(";"):
+            for statement in (SCHEMA + CALLER_SCHEMA).split(";"):
                 if statement.strip():
                     connection.execute(statement)
+            # A new database gets the version; one of an upgradable version now has its tables.
             connection.execute(
-                "INSERT INTO meta VALUES ('schema_version', %s), ('party_key', %s)"
-                " ON CONFLICT DO NOTHING",
-                (SCHEMA_VERSION, secrets.token_hex(16)),
+                "INSERT INTO meta VALUES ('schema_version', %s)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (SCHEMA_VERSION,),
+            )
+            connection.execute(
+                "INSERT INTO meta VALUES ('party_key', %s) ON CONFLICT DO NOTHING",
+                (secrets.token_hex(16),),
             )
             return dict(connection.execute("SELECT key, value FROM meta").fetchall())
 
@@ -365,6 +383,7 @@ class Batch:
         # What its changes leave to the commit, and what it holds until then.
         self.totals = Totals()
         self.locks: set[int] = set()  # advisory leg locks: re-entrant, taken once a batch
+        self.caller_locks: set[int] = set()  # accounts whose caller records it holds
         self.admitted: set[tuple[int, str]] = set()  # extensions known admitted
         # Held until the batch ends; its members wait by taking it in turn.
         self.done = threading.Lock()
@@ -684,17 +703,36 @@ class _PostgresTransaction:
         self._inserted: list[tuple[Leg, psycopg.Cursor[Any]]] = []
         # Whether it has taken a lock, read under one or written: see _must_not_wait.
         self._begun = False
+        self._caller_locks: set[int] = set()  # accounts whose caller lock this change took
+        self._event = False  # an event's change: see may_sweep
+        self._callers: PostgresCallerBook | None = None
         change.on_success(self._succeeded)
+
+    @property
+    def callers(self) -> PostgresCallerBook:
+        if self._callers is None:
+            self._callers = PostgresCallerBook(self.connection, self)
+        return self._callers
+
+    def digest(self, number: str) -> str:
+        digest = self._party(number)
+        assert digest is not None
+        return digest
 
     def legs_matching(self, query: LegQuery) -> list[Leg]:
         lock, sql, parameters, party = self._legs_query(query)
-        if lock not in self._locks and lock not in self._change.batch.locks:
-            if self._must_not_wait():
-                rows = self._read_without_waiting(lock, sql, parameters)
-                if rows is not None:
-                    return self._known_legs(rows, party)
-                self._change.commit_the_others()
-            self._lock_legs(lock)
+        # A vpbx leg's change goes on to its account's caller records: their lock is taken
+        # here, right after the legs', so that it is never waited for later in the change.
+        callers = query.account if query.service is Service.VPBX else None
+        held = self._holds_legs(lock) and (callers is None or self.holds_callers(callers))
+        if not held and self._must_not_wait():
+            rows = self._read_all_without_waiting(lock, callers, sql, parameters)
+            if rows is not None:
+                return self._known_legs(rows, party)
+            self._change.commit_the_others()
+        self._lock_legs(lock)
+        if callers is not None:
+            self.lock_callers(callers)
         # Sent with the lock, run after it: the SELECT reads what its last holder committed.
         return self._known_legs(self.connection.execute(sql, parameters).fetchall(), party)
 
@@ -727,6 +765,8 @@ class _PostgresTransaction:
         )
         self._begun = True
         self._inserted.append((leg, cursor))  # its id is read with the change's next answer
+        if labels.service is Service.VPBX and labels.direction is Direction.INBOUND:
+            self._read_inserted_ids()  # now: the caller level records the leg by its id
         if leg.is_open:
             self._count_active(labels, +1)
 
@@ -755,12 +795,27 @@ class _PostgresTransaction:
             )
 
     def open_legs_before(self, opened_before: float) -> list[Leg]:
+        """Legs to expire: those another change holds are skipped, and so are vpbx legs of an
+        account whose caller records another change holds (their expiry changes them): expiry
+        never waits. The next one takes them."""
         rows = self.connection.execute(
             f"SELECT {LEG_COLUMNS} FROM legs WHERE closed_at IS NULL AND opened_at < %s"
             " ORDER BY opened_at, id FOR UPDATE SKIP LOCKED",
             (opened_before,),
         ).fetchall()
-        return self._known_legs(rows, None)
+        legs = self._known_legs(rows, None)
+        accounts = {leg.labels.account for leg in legs if leg.labels.service is Service.VPBX}
+        held = {account for account in accounts if self.holds_callers(account)}
+        if accounts - held:
+            got = self.connection.execute(TRY_LOCK_CALLERS, (sorted(accounts - held),))
+            taken = {account for (account,) in got.fetchall()}
+            self._caller_locks.update(taken)
+            held |= taken
+        return [
+            leg
+            for leg in legs
+            if leg.labels.service is not Service.VPBX or leg.labels.account in held
+        ]
 
     def forget_closed_legs(self, with_call_id_before: float, without_call_id_before: float) -> None:
         self._begun = True
@@ -809,6 +864,7 @@ class _PostgresTransaction:
         return True
 
     def touch(self, account: int, service: Service, at: float) -> None:
+        self._event = True  # only an event's change is dated: see may_sweep
         key = (account, service.value)
         last_events = self._totals.last_events
         last_events[key] = max(at, last_events.get(key, at))
@@ -837,11 +893,52 @@ class _PostgresTransaction:
         self.connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", key)
         self._begun = True
 
+    # -- the caller level's locks (CallerLocks) ------------------------------------------------
+
+    def lock_callers(self, account: int) -> None:
+        """The lock of the account's caller records, taken as leg locks are (_lock_legs)."""
+        if self.holds_callers(account):
+            return
+        if self._must_not_wait():
+            if self._try_lock_callers(account):
+                self._begun = True
+                return
+            self._change.commit_the_others()
+        # Queued: sent with the statement that needs it.
+        self.connection.execute(LOCK_CALLERS, (account,))
+        self._caller_locks.add(account)
+        self._begun = True
+
+    def may_sweep(self) -> bool:
+        """Not in an event's change before its legs are locked (the tracker settles first):
+        the sweep would hold accounts' caller locks while the change waits for its legs' lock,
+        whose holder may wait for one of those accounts. Its sweep finds nothing due, and the
+        next sweep (at the latest the scrape's expiry) settles it."""
+        return not self._event or self._begun
+
+    def swept(self, accounts: Iterable[int]) -> None:
+        taken = set(accounts)
+        if taken:
+            self._caller_locks.update(taken)
+            self._begun = True
+
+    def holds_callers(self, account: int) -> bool:
+        return account in self._caller_locks or account in self._change.batch.caller_locks
+
+    def _try_lock_callers(self, account: int) -> bool:
+        got = self.connection.execute(TRY_LOCK_CALLERS, ([account],)).fetchall()
+        if got:
+            self._caller_locks.add(account)
+        return bool(got)
+
+    # -- inside --------------------------------------------------------------------------------
+
     def _succeeded(self) -> None:
         """The change's statements all ran: what it did becomes its batch's."""
         self._read_inserted_ids()
         self._change.batch.totals.add(self._totals)
         self._change.batch.locks.update(self._locks)
+        self._change.batch.caller_locks.update(self._caller_locks)
         self._change.batch.admitted.update(self._known_extensions)
 
     def _read_inserted_ids(self) -> None:
@@ -898,6 +995,29 @@ class _PostgresTransaction:
         (legs, then the account), and the holder of an account lock only waits for a leg lock
         in a later change, which then commits the others, the account lock with them."""
         return not self._change.may_wait and not self._begun
+
+    def _holds_legs(self, lock: int) -> bool:
+        return lock in self._locks or lock in self._change.batch.locks
+
+    def _read_all_without_waiting(
+        self, lock: int, callers: int | None, query: str, parameters: tuple[Any, ...]
+    ) -> list[Any] | None:
+        """The legs read under `lock`, and `callers`' lock (an account, if any), if these and
+        the legs' rows are free at once; else None, having taken none of them."""
+        if self._holds_legs(lock):
+            rows = None
+        else:
+            rows = self._read_without_waiting(lock, query, parameters)
+            if rows is None:
+                return None
+        if callers is not None and not (
+            self.holds_callers(callers) or self._try_lock_callers(callers)
+        ):
+            self._locks.discard(lock)  # given back with the change's start
+            return None
+        if rows is None:
+            rows = self.connection.execute(query, parameters).fetchall()
+        return rows
 
     def _read_without_waiting(
         self, lock: int, query: str, parameters: tuple[Any, ...]
@@ -1000,9 +1120,14 @@ def _read_snapshot(connection: psycopg.Connection[Any]) -> StoreSnapshot:
             "SELECT account, service, max(at) FROM last_events GROUP BY account, service"
         )
     }
+    # In the same read-only view: the gauges' aggregates take no lock.
+    book = PostgresCallerBook(connection)
     return StoreSnapshot(
         counters=counters,
         timings=_timing_series(buckets, totals),
         active=active,
         last_events=last_events,
+        ringing_calls=dict(book.ringing_calls()),
+        waiting_callers=dict(book.waiting_callers()),
+        first_misses=dict(book.first_misses()),
     )

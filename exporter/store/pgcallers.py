@@ -1,0 +1,402 @@
+"""The caller level's book in PostgreSQL: callers' unsettled calls and missed callers waiting.
+
+`PostgresCallerBook` is the `CallerBook` of one PostgreSQL transaction: it reads and writes on
+the connection it is given, inside the transaction of the leg change, so the caller records
+commit (or roll back) with the leg and its tallies. `CALLER_SCHEMA` creates its tables; like
+the rest of the store, it only ever holds numbers as the keyed digests `Callers` gives it.
+
+Locking, so that replicas never both create a call for one caller nor resolve one waiting
+caller twice: the per-leg advisory locks of an event are not enough, because one caller's
+records span several legs (a ring group's legs ring different extensions, each under its own
+leg lock; a call-back comes from an outbound leg). So every read or write of an account's
+caller records first takes a transaction-scoped advisory lock on that account, and the read
+runs after the lock is granted, so it sees what the lock's last holder committed:
+
+- A lock per (account, caller digest) would not cover every query. A call with a `call_id`
+  may gather legs with and without the number (a call_id's first leg may lack it), so one
+  call is reached under two digests; `call_of_leg` does not know the caller before it reads
+  the call; and the settle sweeps take calls of every caller. The account is known or read
+  first in each case, so the lock is per account; an account's caller changes take turns.
+- The lock goes in the same round trip as the statement that needs it (a pipeline).
+- `call_of_leg` reads the leg's call first: if its account's lock is not held already, it
+  takes it and reads the call again (an account never changes; the call may have settled).
+- The settle sweeps (`calls_quiet_before`, `waiting_missed_before`) never wait: they try the
+  locks of the accounts with something due and skip the accounts another transaction holds;
+  its holder or the next sweep settles them.
+- The gauges' aggregates take no lock: each is one statement over committed rows.
+
+Lock order. The store decides how the locks are taken, through `CallerLocks`: alone (the
+default, `OwnLocks`), the book takes them as above. A store that batches changes, or whose
+changes take other locks, takes an account's lock where its order of locks wants it, and
+says when a sweep may take any: a sweep that runs before a change's other locks (the tracker
+settles first) would hold accounts' locks while that change waits for its others, whose
+holders may wait for those accounts. A sweep that may not lock finds nothing due; the next
+one that may (at the latest the scrape's, before the gauges and totals are read) settles it.
+The caller level needs no earlier sweep to be right: a leg of a caller whose call is over
+settles that call itself. Only a caller reached just after `callbacks.give_up_after`, before
+such a sweep, counts as reached rather than given up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol
+
+import psycopg
+
+from exporter.callers import InboundCall, WaitingCaller
+
+# The advisory lock class of the caller records: pg_advisory_xact_lock(CALLER_LOCKS, account
+# folded to 32 bits). A constant of our own, apart from the store's other lock classes.
+CALLER_LOCKS = 0x6D636E10
+
+# Statements separated by ";", each run on its own by the store's schema creation.
+CALLER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbound_calls (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account bigint NOT NULL,
+    line text NOT NULL,
+    call_id text,
+    caller text,
+    opened_at double precision NOT NULL,
+    first_ring_at double precision,
+    quiet_since double precision NOT NULL,
+    open_legs integer NOT NULL,
+    answered_at double precision,
+    expired boolean NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS inbound_calls_by_call_id
+    ON inbound_calls (account, call_id) WHERE call_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS inbound_calls_by_caller
+    ON inbound_calls (account, caller, opened_at, id);
+CREATE INDEX IF NOT EXISTS inbound_calls_quiet
+    ON inbound_calls (quiet_since) WHERE open_legs = 0;
+CREATE INDEX IF NOT EXISTS inbound_calls_ringing
+    ON inbound_calls (account, line) WHERE open_legs > 0 AND answered_at IS NULL;
+CREATE TABLE IF NOT EXISTS inbound_call_legs (
+    leg bigint PRIMARY KEY,
+    call bigint NOT NULL REFERENCES inbound_calls (id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS inbound_call_legs_by_call ON inbound_call_legs (call);
+CREATE TABLE IF NOT EXISTS waiting_callers (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account bigint NOT NULL,
+    caller text NOT NULL,
+    line text NOT NULL,
+    first_missed_at double precision NOT NULL,
+    call_started_at double precision NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS waiting_callers_by_caller ON waiting_callers (account, caller);
+CREATE INDEX IF NOT EXISTS waiting_callers_by_first_miss ON waiting_callers (first_missed_at);
+CREATE INDEX IF NOT EXISTS waiting_callers_by_line ON waiting_callers (account, line);
+CREATE INDEX IF NOT EXISTS waiting_callers_earliest
+    ON waiting_callers (account, first_missed_at)
+"""
+
+# The account's lock key: its low 32 bits as a signed int, so that accounts below 2**32 never
+# share a lock. The same expression for one account (a parameter) and in the sweeps (a column).
+_ACCOUNT_KEY = "((({account}::bigint & 4294967295) # 2147483648) - 2147483648)::int"
+LOCK_CALLERS = f"SELECT pg_advisory_xact_lock({CALLER_LOCKS}, {_ACCOUNT_KEY.format(account='%s')})"
+# Of the accounts in an array, those whose lock this transaction has or gets without waiting.
+TRY_LOCK_CALLERS = (
+    "SELECT account FROM unnest(%s::bigint[]) AS account"
+    f" WHERE pg_try_advisory_xact_lock({CALLER_LOCKS}, {_ACCOUNT_KEY.format(account='account')})"
+)
+
+_CALL_COLUMNS = (
+    "id, account, line, call_id, caller, opened_at, first_ring_at, quiet_since, open_legs,"
+    " answered_at, expired"
+)
+_WAITING_COLUMNS = "id, account, caller, line, first_missed_at, call_started_at"
+_OLDEST_FIRST = "ORDER BY opened_at, id"
+
+
+class CallerLocks(Protocol):
+    """How a book's transaction takes the accounts' caller locks."""
+
+    def lock_callers(self, account: int) -> None:
+        """Before the account's caller records are read or written: its lock, taken (or
+        queued on the connection, ahead of the statement that needs it) unless held."""
+
+    def holds_callers(self, account: int) -> bool:
+        """Whether this transaction is known to hold the account's lock already."""
+
+    def may_sweep(self) -> bool:
+        """Whether a settle sweep may now try the locks of the accounts with something due."""
+
+    def swept(self, accounts: Iterable[int]) -> None:
+        """A sweep now holds these accounts' locks."""
+
+
+class OwnLocks:
+    """The locks of a transaction that takes no other lock: each taken where it is needed."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self._connection = connection
+
+    def lock_callers(self, account: int) -> None:
+        # Taken again every time, never remembered: a rollback to a savepoint releases the
+        # advisory locks taken since it, and taking one already held costs nothing more.
+        self._connection.execute(LOCK_CALLERS, (account,))
+
+    def holds_callers(self, account: int) -> bool:
+        return False
+
+    def may_sweep(self) -> bool:
+        return True
+
+    def swept(self, accounts: Iterable[int]) -> None:
+        pass
+
+
+class PostgresCallerBook:
+    """The `CallerBook` of one PostgreSQL transaction, on its connection.
+
+    Records go in and out as copies, as `MemoryCallerBook`'s do: a change counts once saved.
+    """
+
+    def __init__(
+        self,
+        connection: psycopg.Connection[Any],
+        locks: CallerLocks | None = None,
+    ) -> None:
+        self._connection = connection
+        self._locks = OwnLocks(connection) if locks is None else locks
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def call_by_call_id(self, account: int, call_id: str) -> InboundCall | None:
+        rows = self._locked_read(
+            account,
+            f"SELECT {_CALL_COLUMNS} FROM inbound_calls WHERE account = %s AND call_id = %s",
+            (account, call_id),
+        )
+        return _call(rows[0]) if rows else None
+
+    def calls_of_caller(self, account: int, caller: str | None) -> list[InboundCall]:
+        if caller is None:
+            rows = self._locked_read(
+                account,
+                f"SELECT {_CALL_COLUMNS} FROM inbound_calls"
+                f" WHERE account = %s AND caller IS NULL {_OLDEST_FIRST}",
+                (account,),
+            )
+        else:
+            rows = self._locked_read(
+                account,
+                f"SELECT {_CALL_COLUMNS} FROM inbound_calls"
+                f" WHERE account = %s AND caller = %s {_OLDEST_FIRST}",
+                (account, caller),
+            )
+        return [_call(row) for row in rows]
+
+    def call_of_leg(self, leg_id: int) -> InboundCall | None:
+        query = (
+            f"SELECT {_CALL_COLUMNS} FROM inbound_calls"
+            " WHERE id = (SELECT call FROM inbound_call_legs WHERE leg = %s)"
+        )
+        found = self._connection.execute(query, (leg_id,)).fetchall()
+        if not found or self._locks.holds_callers(found[0][1]):
+            return _call(found[0]) if found else None
+        # Read before the lock: only its account is sure (it never changes). Read again.
+        rows = self._locked_read(found[0][1], query, (leg_id,))
+        return _call(rows[0]) if rows else None
+
+    def save_call(self, call: InboundCall) -> None:
+        values = (
+            call.account,
+            call.line,
+            call.call_id,
+            call.caller,
+            call.opened_at,
+            call.first_ring_at,
+            call.quiet_since,
+            call.open_legs,
+            call.answered_at,
+            call.expired,
+        )
+        if call.id is None:
+            rows = self._locked_read(
+                call.account,
+                "INSERT INTO inbound_calls (account, line, call_id, caller, opened_at,"
+                " first_ring_at, quiet_since, open_legs, answered_at, expired)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                values,
+            )
+            call.id = rows[0][0]
+        else:
+            self._locked_write(
+                call.account,
+                "UPDATE inbound_calls SET account = %s, line = %s, call_id = %s, caller = %s,"
+                " opened_at = %s, first_ring_at = %s, quiet_since = %s, open_legs = %s,"
+                " answered_at = %s, expired = %s WHERE id = %s",
+                (*values, call.id),
+            )
+
+    def add_leg(self, call: InboundCall, leg_id: int) -> None:
+        assert call.id is not None, "a call is saved before its legs are added"
+        self._locked_write(
+            call.account,
+            "INSERT INTO inbound_call_legs (leg, call) VALUES (%s, %s)"
+            " ON CONFLICT (leg) DO UPDATE SET call = excluded.call",
+            (leg_id, call.id),
+        )
+
+    def delete_call(self, call: InboundCall) -> None:
+        if call.id is not None:  # its legs go with it (ON DELETE CASCADE)
+            self._locked_write(call.account, "DELETE FROM inbound_calls WHERE id = %s", (call.id,))
+
+    def calls_quiet_before(self, before: float) -> list[InboundCall]:
+        due = "FROM inbound_calls WHERE open_legs = 0 AND quiet_since <= %s"
+        accounts = self._lock_due_accounts(due, before)
+        if not accounts:
+            return []
+        rows = self._connection.execute(
+            f"SELECT {_CALL_COLUMNS} {due} AND account = ANY(%s::bigint[]) {_OLDEST_FIRST}",
+            (before, accounts),
+        ).fetchall()
+        return [_call(row) for row in rows]
+
+    # -- waiting callers -----------------------------------------------------------------------
+
+    def waiting_caller(self, account: int, caller: str) -> WaitingCaller | None:
+        rows = self._locked_read(
+            account,
+            f"SELECT {_WAITING_COLUMNS} FROM waiting_callers WHERE account = %s AND caller = %s",
+            (account, caller),
+        )
+        return _waiting(rows[0]) if rows else None
+
+    def save_waiting(self, waiting: WaitingCaller) -> None:
+        values = (
+            waiting.account,
+            waiting.caller,
+            waiting.line,
+            waiting.first_missed_at,
+            waiting.call_started_at,
+        )
+        if waiting.id is None:
+            rows = self._locked_read(
+                waiting.account,
+                "INSERT INTO waiting_callers (account, caller, line, first_missed_at,"
+                " call_started_at) VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                values,
+            )
+            waiting.id = rows[0][0]
+        else:
+            self._locked_write(
+                waiting.account,
+                "UPDATE waiting_callers SET account = %s, caller = %s, line = %s,"
+                " first_missed_at = %s, call_started_at = %s WHERE id = %s",
+                (*values, waiting.id),
+            )
+
+    def delete_waiting(self, waiting: WaitingCaller) -> None:
+        if waiting.id is not None:
+            self._locked_write(
+                waiting.account, "DELETE FROM waiting_callers WHERE id = %s", (waiting.id,)
+            )
+
+    def waiting_missed_before(self, before: float) -> list[WaitingCaller]:
+        due = "FROM waiting_callers WHERE first_missed_at <= %s"
+        accounts = self._lock_due_accounts(due, before)
+        if not accounts:
+            return []
+        rows = self._connection.execute(
+            f"SELECT {_WAITING_COLUMNS} {due} AND account = ANY(%s::bigint[])"
+            " ORDER BY first_missed_at, id",
+            (before, accounts),
+        ).fetchall()
+        return [_waiting(row) for row in rows]
+
+    # -- gauges --------------------------------------------------------------------------------
+
+    def ringing_calls(self) -> Mapping[tuple[int, str], int]:
+        rows = self._connection.execute(
+            "SELECT account, line, count(*) FROM inbound_calls"
+            " WHERE open_legs > 0 AND answered_at IS NULL GROUP BY account, line"
+        ).fetchall()
+        return {(account, line): count for account, line, count in rows}
+
+    def waiting_callers(self) -> Mapping[tuple[int, str], int]:
+        rows = self._connection.execute(
+            "SELECT account, line, count(*) FROM waiting_callers GROUP BY account, line"
+        ).fetchall()
+        return {(account, line): count for account, line, count in rows}
+
+    def first_misses(self) -> Mapping[int, float]:
+        rows = self._connection.execute(
+            "SELECT account, min(first_missed_at) FROM waiting_callers GROUP BY account"
+        ).fetchall()
+        return dict(rows)
+
+    # -- inside --------------------------------------------------------------------------------
+
+    def _locked_read(self, account: int, query: str, params: tuple[Any, ...]) -> list[Any]:
+        """`query`'s rows, read once the account's lock is granted (one round trip)."""
+        with self._pipelined():
+            self._locks.lock_callers(account)
+            cursor = self._connection.execute(query, params)
+        return cursor.fetchall()
+
+    def _locked_write(self, account: int, statement: str, params: tuple[Any, ...]) -> None:
+        with self._pipelined():
+            self._locks.lock_callers(account)
+            self._connection.execute(statement, params)
+
+    def _pipelined(self) -> AbstractContextManager[object]:
+        """A pipeline, unless the connection is in one already (a store that batches its
+        statements): then a write is only queued, and reaches the server with the next read."""
+        if self._connection.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF:
+            return nullcontext()
+        return self._connection.pipeline()
+
+    def _lock_due_accounts(self, due: str, before: float) -> list[int]:
+        """The accounts with a record `due` whose lock this transaction has or now gets;
+        the others are skipped, never waited for. None at all when sweeps may not lock now."""
+        if not self._locks.may_sweep():
+            return []
+        key = _ACCOUNT_KEY.format(account="account")
+        rows = self._connection.execute(
+            f"SELECT account FROM (SELECT DISTINCT account {due}) AS due"
+            f" WHERE pg_try_advisory_xact_lock({CALLER_LOCKS}, {key})",
+            (before,),
+        ).fetchall()
+        accounts = [account for (account,) in rows]
+        self._locks.swept(accounts)
+        return accounts
+
+
+def _call(row: Any) -> InboundCall:
+    (
+        record_id,
+        account,
+        line,
+        call_id,
+        caller,
+        opened_at,
+        first_ring_at,
+        quiet_since,
+        open_legs,
+        answered_at,
+        expired,
+    ) = row
+    return InboundCall(
+        account,
+        line,
+        call_id,
+        caller,
+        opened_at,
+        first_ring_at,
+        quiet_since,
+        open_legs,
+        answered_at,
+        expired,
+        record_id,
+    )
+
+
+def _waiting(row: Any) -> WaitingCaller:
+    waiting_id, account, caller, line, first_missed_at, call_started_at = row
+    return WaitingCaller(account, caller, line, first_missed_at, call_started_at, waiting_id)
