@@ -7,21 +7,25 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
 LUA_SCRIPT = BENCH_DIR / "webhooks.lua"
 NOOP_SERVER = BENCH_DIR / "noop_server.py"
 ACCOUNT = 10123
@@ -37,15 +41,21 @@ class BenchError(RuntimeError):
 
 
 def write_config(
-    directory: Path, name: str, threads: int | None = None, max_extensions: int = 1000
+    directory: Path,
+    name: str,
+    threads: int | None = None,
+    max_extensions: int = 1000,
+    store_url: str | None = None,
 ) -> Path:
-    """A minimal exporter config with its own store file under `directory`."""
+    """A minimal exporter config with its own store file under `directory`, or the PostgreSQL
+    database at `store_url`."""
     directory.mkdir(parents=True, exist_ok=True)
     server = f"server: {{threads: {threads}}}\n" if threads else ""
+    store = f'url: "{store_url}"' if store_url else f"path: {directory / (name + '.sqlite3')}"
     text = (
         f"{server}"
         f"accounts:\n  - {{id: {ACCOUNT}, secret: {SECRET}}}\n"
-        f"store: {{path: {directory / (name + '.sqlite3')}}}\n"
+        f"store: {{{store}}}\n"
         f"limits: {{max_extensions: {max_extensions}}}\n"
     )
     path = directory / f"{name}.yaml"
@@ -89,6 +99,8 @@ class Server:
     log_path: Path
     env: dict[str, str] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # CPU seconds of what serves it besides gunicorn (a PostgreSQL store's server), so far
+    backing_cpu: Callable[[], float] | None = field(default=None, repr=False)
 
     @classmethod
     def exporter(
@@ -171,7 +183,8 @@ class Server:
             fields = _stat_fields(pid)
             if fields:
                 total += int(fields[11]) + int(fields[12])
-        return total / CLOCK_TICKS
+        backing = self.backing_cpu() if self.backing_cpu else 0.0
+        return total / CLOCK_TICKS + backing
 
     def memory(self) -> Memory:
         rss = pss = count = 0
@@ -226,6 +239,55 @@ def _answers(url: str) -> bool:
             return bool(response.status == 200)
     except (OSError, urllib.error.URLError):
         return False
+
+
+# -- a PostgreSQL store -----------------------------------------------------------------------
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster (the tests' `tests/pgcluster.py`: Debian's binaries, fsync
+    on, 127.0.0.1 only) whose databases serve as exporters' stores."""
+
+    def __init__(self, root: Path) -> None:
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        from tests.pgcluster import PgCluster
+
+        self.cluster = PgCluster(root)
+
+    def database(self) -> str:
+        """A new empty database: its URL."""
+        url: str = self.cluster.create_database()
+        return url
+
+    def cpu_seconds(self) -> float:
+        """The server's CPU so far: the postmaster, its live processes, the backends it reaped."""
+        postmaster = int((self.cluster.data / "postmaster.pid").read_text().split()[0])
+        ticks = 0
+        for pid in [postmaster, *children(postmaster)]:
+            fields = _stat_fields(pid)
+            if fields:
+                ticks += int(fields[11]) + int(fields[12])
+                if pid == postmaster:
+                    ticks += int(fields[13]) + int(fields[14])
+        return ticks / CLOCK_TICKS
+
+
+@contextmanager
+def throwaway_postgres() -> Iterator[Postgres]:
+    """Started in a directory of its own (owned by `postgres` when run as root), then removed."""
+    root = Path(tempfile.mkdtemp(prefix="mcn-bench-pg-"))
+    postgres = Postgres(root)
+    try:
+        postgres.cluster.init()
+        postgres.cluster.start()
+        yield postgres
+    finally:
+        try:
+            postgres.cluster.stop("immediate")
+        except RuntimeError as exc:  # it never started: the error that said so is on its way
+            print(f"stopping PostgreSQL: {exc}", file=sys.stderr)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # -- load ------------------------------------------------------------------------------------

@@ -197,7 +197,7 @@ def breakdown(events: int) -> None:
         times: dict[str, float] = defaultdict(float)
         counts: Counter[str] = Counter()
         store: Any = deps.store
-        store._local.connection = TimedConnection(store._connection(), times, counts)
+        store._writer = TimedConnection(store._write_connection(), times, counts)  # the writer
         parse = WebhookParser.parse
 
         def timed_parse(self: WebhookParser, body: bytes) -> Any:

@@ -18,7 +18,8 @@ Sections (`--sections`, default all):
 It prints a markdown table with each ratio and whether its target holds, and writes the table
 and the raw figures to bench/results/. `--candidate NAME=DIR` adds, to the ingest and rate
 and slow sections, an exporter imported from another source tree (a scratch copy with a change
-to measure), in the same rounds.
+to measure), in the same rounds. `--postgresql` adds, to the ingest and rate sections, the
+exporter with a PostgreSQL store (a throwaway cluster on 127.0.0.1), in the same rounds.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from benchkit import (
     open_starts,
     post_bodies,
     ratio,
+    throwaway_postgres,
     verdict,
     webhook,
     write_config,
@@ -67,6 +70,8 @@ SLOW_P99_TARGET_MS = 1000.0  # legitimate requests' p99 with the slow clients co
 CLIENT_TIMEOUT = 10.0  # server.client_timeout's default, which the bench configs keep
 CLOSE_MARGIN = 1.5  # the worker's sweep runs once a second
 LEGIT_TIMEOUT = 5.0  # a legitimate request not answered by then counts as failed
+POSTGRESQL = "postgresql"  # the exporter with a PostgreSQL store, in the ingest sections
+POSTGRESQL_TARGET = 0.5  # x the SQLite store's saturated events per second, at least
 
 
 @dataclass
@@ -86,6 +91,7 @@ class Options:
     soak_warmup: float
     slow_clients: int
     candidates: dict[str, str]
+    postgresql: bool
     output: Path | None
     keep: bool
 
@@ -130,7 +136,6 @@ def log(message: str) -> None:
 
 def ingest(options: Options, workdir: Path, report: Report, fixed_rate: bool) -> None:
     """Ceiling and exporter(s) up at once; wrk loads one at a time, in alternating order."""
-    section = "2" if fixed_rate else "1"
     name = "rate" if fixed_rate else "ingest"
     traffic = Traffic(
         seconds=options.seconds,
@@ -150,6 +155,31 @@ def ingest(options: Options, workdir: Path, report: Report, fixed_rate: bool) ->
         config = write_config(workdir / name, candidate, options.threads)
         servers.append(Server.exporter(candidate, config, _workers(options), workdir / name, tree))
     results: dict[str, list[LoadResult]] = {server.name: [] for server in servers}
+    with ExitStack() as stack:
+        if options.postgresql:
+            postgres = stack.enter_context(throwaway_postgres())
+            config = write_config(
+                workdir / name, POSTGRESQL, options.threads, store_url=postgres.database()
+            )
+            server = Server.exporter(POSTGRESQL, config, _workers(options), workdir / name)
+            server.backing_cpu = postgres.cpu_seconds  # its CPU per request includes the store's
+            servers.append(server)
+            results[POSTGRESQL] = []
+        _rounds(options, servers, traffic, results, name)
+    report.raw[name] = {
+        "traffic": asdict(traffic),
+        "results": {key: [asdict(r) for r in value] for key, value in results.items()},
+    }
+    _ingest_rows(options, report, servers, results, fixed_rate)
+
+
+def _rounds(
+    options: Options,
+    servers: list[Server],
+    traffic: Traffic,
+    results: dict[str, list[LoadResult]],
+    name: str,
+) -> None:
     try:
         for server in servers:
             server.start()
@@ -169,11 +199,16 @@ def ingest(options: Options, workdir: Path, report: Report, fixed_rate: bool) ->
     finally:
         for server in servers:
             server.stop()
-    report.raw[name] = {
-        "traffic": asdict(traffic),
-        "results": {key: [asdict(r) for r in value] for key, value in results.items()},
-    }
 
+
+def _ingest_rows(
+    options: Options,
+    report: Report,
+    servers: list[Server],
+    results: dict[str, list[LoadResult]],
+    fixed_rate: bool,
+) -> None:
+    section = "2" if fixed_rate else "1"
     ceiling = _medians(results["ceiling"])
     for server in servers[1:]:
         ours = _medians(results[server.name])
@@ -224,6 +259,34 @@ def ingest(options: Options, workdir: Path, report: Report, fixed_rate: bool) ->
         errors = sum(r.error_count for r in results[server.name])
         requests = sum(r.requests for r in results[server.name])
         report.add(section, f"errors / requests{label}", f"{errors:,} / {requests:,}")
+    if POSTGRESQL in results:
+        _postgresql_rows(report, section, results, fixed_rate)
+
+
+def _postgresql_rows(
+    report: Report, section: str, results: dict[str, list[LoadResult]], fixed_rate: bool
+) -> None:
+    """PostgreSQL's store against SQLite's, the exporter otherwise the same."""
+    sqlite, postgresql = _medians(results["exporter"]), _medians(results[POSTGRESQL])
+    if fixed_rate:
+        report.add(
+            section,
+            "latency p99 (ms), PostgreSQL store against SQLite store",
+            f"{postgresql['p99']:.2f}",
+            f"{sqlite['p99']:.2f}",
+            f"{ratio(postgresql['p99'], sqlite['p99']):.2f}",
+        )
+        return
+    holds = ratio(postgresql["rate"], sqlite["rate"]) >= POSTGRESQL_TARGET
+    report.add(
+        section,
+        "saturated ingest (events/s), PostgreSQL store against SQLite store",
+        f"{postgresql['rate']:,.0f}",
+        f"{sqlite['rate']:,.0f}",
+        f"{ratio(postgresql['rate'], sqlite['rate']):.2f}",
+        f"≥ {POSTGRESQL_TARGET}",
+        verdict(holds),
+    )
 
 
 def _workers(options: Options) -> int:
@@ -581,6 +644,11 @@ def parse_options(argv: list[str] | None = None) -> Options:
         help="also load an exporter imported from this source tree (ingest, rate, slow)",
     )
     parser.add_argument(
+        "--postgresql",
+        action="store_true",
+        help="also load the exporter with a PostgreSQL store, a throwaway cluster (ingest, rate)",
+    )
+    parser.add_argument(
         "--output", default=str(BENCH_DIR / "results"), help="where to write results ('' = none)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
@@ -612,6 +680,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         soak_warmup=args.soak_warmup if args.soak_warmup is not None else (5 if quick else 30),
         slow_clients=args.slow_clients,
         candidates=candidates,
+        postgresql=args.postgresql,
         output=Path(args.output) if args.output else None,
         keep=args.keep,
     )
