@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gunicorn import glogging
+
 from exporter.config import LoggingConfig
 
 LOGGER_NAME = "exporter"
@@ -72,6 +74,19 @@ def gunicorn_log_config(config: LoggingConfig) -> dict[str, Any]:
             "gunicorn.access": handler,
         },
     }
+
+
+class GunicornLogger(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's logger with no access log: the exporter writes none (the reverse proxy has
+    one). gunicorn takes any logging config as a wish for access lines, and would build a line
+    for every request only for its level to drop it."""
+
+    @property
+    def access_log_enabled(self) -> bool:
+        return False
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        return None
 
 
 GUNICORN_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"  # gunicorn's own

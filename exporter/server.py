@@ -92,6 +92,7 @@ def gunicorn_options(config: Config, bind: str | None, workers: int | None) -> d
         "max_requests": 0,
         "preload_app": False,
         "accesslog": None,
+        "logger_class": "exporter.logs.GunicornLogger",
         "errorlog": "-",
         # gunicorn's info lines (workers booting) are noise at our info level.
         "loglevel": "warning" if config.logging.level == "info" else config.logging.level,
