@@ -156,7 +156,7 @@ def _event(document: dict[str, Any], account: int) -> CallEvent:
         has_abon = document.get("abon") is not None
         service = Service.VPBX if has_abon else Service.TELEPHONY
         return CallEvent(UNKNOWN_EVENT, None, account, service, "")
-    did_mcn = _text(document, "did_mcn")  # checked first, as it always was
+    did_mcn = _text(document, "did_mcn")  # first: its error comes before the other fields'
     return CallEvent(
         event_type=event_type,
         kind=kind,

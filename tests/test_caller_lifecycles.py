@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from exporter.legs import TallyKind
 from tests.conftest import ACCOUNT, SECRET, Exporter, Samples, call_totals
 
 CALLER = "0903123456"
@@ -445,3 +446,22 @@ def test_a_call_missed_while_closed_waits_only_in_open_time(
     }
     assert buckets["300.0"] == 0
     assert buckets["900.0"] == 1
+
+
+def test_events_sweep_for_calls_that_are_over_at_most_once_a_second(phones: Exporter) -> None:
+    """Between scrapes, events settle callers' calls, but not every one of them sweeps."""
+
+    def missed_callers_in_the_store() -> float:
+        counters = phones.deps.store.snapshot().counters.get(TallyKind.INBOUND_CALLS, {})
+        return sum(value for labels, value in counters.items() if "missed" in labels)
+
+    ring(phones, "201")
+    event(phones, "onInCallingMissed", "201")
+    phones.clock.advance(SETTLE - 0.2)
+    event(phones, "onOutCallingStart", "301", did=OTHER_CALLER)  # sweeps: nothing is due yet
+    phones.clock.advance(0.5)  # the missed call is due now
+    event(phones, "onOutCallingMissed", "301", did=OTHER_CALLER)
+    assert missed_callers_in_the_store() == 0, "swept again within the second"
+    phones.clock.advance(0.6)
+    event(phones, "onOutCallingStart", "302", did=OTHER_CALLER)
+    assert missed_callers_in_the_store() == 1

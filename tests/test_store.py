@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -258,8 +259,10 @@ def test_closing_commits_the_open_batch_and_refuses_later_changes(
             taken.append(f"t{thread}-{n}")
 
     threads = start_threads(worker)
-    while len(taken) < 200:
+    deadline = time.monotonic() + 60
+    while len(taken) < 200 and time.monotonic() < deadline:
         threading.Event().wait(0.001)
+    assert len(taken) >= 200, "the writers stalled"
     store.close()
     for thread in threads:
         thread.join(timeout=10)

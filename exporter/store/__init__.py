@@ -3,8 +3,9 @@
 `base` is the interface every backend implements; `sqlite` keeps the store in one SQLite file,
 `groupcommit` is its shared-commit writer, `postgresql` keeps it in a PostgreSQL database shared
 by replicas (imported only when configured: psycopg is an optional dependency), `deferred` opens
-such a store at its first use that finds the database up, `digests` is the keyed hashing of
-numbers and `rows` the row helpers every SQL backend shares.
+such a store at its first use that finds the database up, `sqlite_callers` and `pgcallers`
+keep the caller level's records in each, `digests` is the keyed hashing of numbers and `rows`
+the row helpers every SQL backend shares.
 """
 
 from exporter.store.base import (
@@ -17,11 +18,9 @@ from exporter.store.base import (
     StoreUnavailable,
     TimingSeries,
 )
-from exporter.store.rows import LEG_COLUMNS, _key, _labels, _leg, _timing_series
 from exporter.store.sqlite import SqliteCallStore
 
 __all__ = [
-    "LEG_COLUMNS",
     "CallStore",
     "LegQuery",
     "SqliteCallStore",
@@ -31,8 +30,4 @@ __all__ = [
     "StoreTransaction",
     "StoreUnavailable",
     "TimingSeries",
-    "_key",
-    "_labels",
-    "_leg",
-    "_timing_series",
 ]

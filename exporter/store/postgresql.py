@@ -54,7 +54,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from exporter.events import Direction, Service
 from exporter.legs import CounterRow, Leg, LegLabels, Tally, TallyKind, TallyLayout, TimingRow
-from exporter.store.base import LegQuery, StoreSnapshot, StoreUnavailable
+from exporter.store.base import LegQuery, StoreIncompatible, StoreSnapshot, StoreUnavailable
 from exporter.store.pgcallers import (
     CALLER_SCHEMA,
     LOCK_CALLERS,
@@ -236,9 +236,11 @@ class PostgresCallStore:
                 )
 
     def ping(self) -> None:
-        with self._begun("BEGIN READ ONLY") as connection:
-            connection.execute("SELECT count(*) FROM meta").fetchone()
-            connection.execute("COMMIT")
+        """Whether an event could be written now: a write, rolled back (a standby after a
+        failover, or a read-only database, refuses it)."""
+        with self._begun("BEGIN") as connection:
+            connection.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
+            connection.execute("ROLLBACK")
 
     def close(self) -> None:
         """Later calls raise StoreUnavailable; transactions under way finish first."""
@@ -293,9 +295,10 @@ class PostgresCallStore:
             connection.execute("SELECT pg_advisory_xact_lock(%s, 0)", (SCHEMA_LOCK,))
             version = _schema_version(connection)
             if version not in (None, SCHEMA_VERSION, *UPGRADABLE_VERSIONS):
-                raise StoreUnavailable(
+                raise StoreIncompatible(
                     f"the PostgreSQL database holds schema version {version}, this exporter "
-                    f"reads version {SCHEMA_VERSION}"
+                    f"reads version {SCHEMA_VERSION}: it was written by another exporter "
+                    "version; run that one, or point store.url at an empty database"
                 )
             for statement in (SCHEMA + CALLER_SCHEMA).split(";"):
                 if statement.strip():
@@ -508,13 +511,14 @@ class GroupCommit:
     def close(self) -> None:
         """Commits the open batch; later changes raise StoreUnavailable."""
         turn = self._turn.acquire(timeout=self._queue_timeout)
+        self._closed = True
+        if not turn:
+            return  # a change still holds the batch: its owner ends it, and no later one joins
         try:
-            self._closed = True
             if self._batch is not None:
                 self._end_batch(self._batch)
         finally:
-            if turn:
-                self._turn.release()
+            self._turn.release()
 
     def commit_the_others(self, change: Change) -> None:
         """See Change.commit_the_others."""
