@@ -21,6 +21,13 @@ class StoreUnavailable(Exception):
     """The store cannot be read or written right now (locked, disk full, file gone)."""
 
 
+# The tables' version, the same in every backend. Versions upgraded in place: 1 -> 2 adds the
+# caller level's tables (created empty: callers are counted from the upgrade on; legs and totals
+# are kept). Any other version is refused before anything is written.
+SCHEMA_VERSION = "2"
+UPGRADABLE_VERSIONS = frozenset({"1"})
+
+
 class StoreIncompatible(StoreUnavailable):
     """The store was written by another version of the exporter (its schema version differs):
     left untouched; the message says what to do."""

@@ -38,11 +38,9 @@ Locking, so that replicas never both act on one leg:
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import math
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,7 +52,15 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from exporter.events import Direction, Service
 from exporter.legs import CounterRow, Leg, LegLabels, Tally, TallyKind, TallyLayout, TimingRow
-from exporter.store.base import LegQuery, StoreIncompatible, StoreSnapshot, StoreUnavailable
+from exporter.store.base import (
+    SCHEMA_VERSION,
+    UPGRADABLE_VERSIONS,
+    LegQuery,
+    StoreIncompatible,
+    StoreSnapshot,
+    StoreUnavailable,
+)
+from exporter.store.digests import new_party_key, party_digest
 from exporter.store.pgcallers import (
     CALLER_SCHEMA,
     LOCK_CALLERS,
@@ -63,10 +69,6 @@ from exporter.store.pgcallers import (
 )
 from exporter.store.rows import LEG_COLUMNS, _key, _labels, _leg, _timing_series
 
-SCHEMA_VERSION = "2"
-# Versions this exporter upgrades in place. 1 -> 2 adds the caller level's tables (created
-# empty: callers are counted from the upgrade on; legs and totals are kept).
-UPGRADABLE_VERSIONS = frozenset({"1"})
 # Advisory lock classes: a constant of our own, so that other users of the database are not hit.
 LEG_LOCKS = 0x6D636E01
 EXTENSION_LOCKS = 0x6D636E02
@@ -311,7 +313,7 @@ class PostgresCallStore:
             )
             connection.execute(
                 "INSERT INTO meta VALUES ('party_key', %s) ON CONFLICT DO NOTHING",
-                (secrets.token_hex(16),),
+                (new_party_key(),),
             )
             return dict(connection.execute("SELECT key, value FROM meta").fetchall())
 
@@ -1061,11 +1063,7 @@ class _PostgresTransaction:
         active[key] = active.get(key, 0) + change
 
     def _party(self, did: str | None) -> str | None:
-        # The same keyed digest as the SQLite store: never the number itself.
-        if did is None:
-            return None
-        digest = hmac.new(self._party_key, did.encode(), hashlib.sha256)
-        return digest.hexdigest()[:16]
+        return party_digest(self._party_key, did)
 
 
 def _first(cursor: psycopg.Cursor[Any]) -> Any:

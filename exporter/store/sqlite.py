@@ -21,6 +21,8 @@ from typing import TypeVar
 from exporter.events import Direction, Service
 from exporter.legs import CounterRow, Leg, LegLabels, Tally, TallyKind, TallyLayout, TimingRow
 from exporter.store.base import (
+    SCHEMA_VERSION,
+    UPGRADABLE_VERSIONS,
     LegQuery,
     StoreIncompatible,
     StoreSeed,
@@ -34,10 +36,6 @@ from exporter.store.sqlite_callers import CALLER_SCHEMA, SqliteCallerBook
 
 R = TypeVar("R")
 log = logging.getLogger("exporter.store")
-SCHEMA_VERSION = "2"
-# Versions this exporter upgrades in place. 1 -> 2 adds the caller level's tables (created
-# empty: callers start being counted from the upgrade on; legs and totals are kept).
-UPGRADABLE_VERSIONS = frozenset({"1"})
 BUSY_TIMEOUT_MS = 10_000
 LOCK_TIMEOUT = 10.0  # seconds a write waits for its turn, by default
 CHECKPOINT_COMMITS = 100  # about as often as SQLite's default of 1,000 WAL pages
