@@ -61,6 +61,7 @@ from exporter.store.base import (
     StoreUnavailable,
 )
 from exporter.store.digests import new_party_key, party_digest
+from exporter.store.groupcommit import MAX_BATCH
 from exporter.store.pgcallers import (
     CALLER_SCHEMA,
     LOCK_CALLERS,
@@ -76,7 +77,6 @@ SCHEMA_LOCK = 0x6D636E03
 # Totals are kept in this many rows each, summed when read: every event adds to the same few
 # totals, and a single row would make concurrent transactions wait for each other's COMMIT.
 SHARDS = 16
-MAX_BATCH = 32  # changes committed together at most
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
