@@ -228,7 +228,17 @@ def test_postgresql_stopped_mid_traffic_gives_503s_then_recovers_losing_nothing(
     assert truth["failed"] == 0
     assert truth["retries"] > 0  # webhooks answered 503 during the outage were resent
     refused = [a for a in during if a[1] == 503]
-    assert {path for path, *_ in refused} == {"/readyz", "/metrics", "/webhook"}
+    # A scrape may also wait for its turn until the database is back, and then succeed: it is
+    # bound by server.timeout like every request (below), not bound to be refused.
+    assert (
+        {"/readyz", "/webhook"}
+        <= {path for path, *_ in refused}
+        <= {
+            "/readyz",
+            "/metrics",
+            "/webhook",
+        }
+    )
     assert all(retry_after == "5" for _, _, retry_after, _ in refused)
     assert all(status in (200, 503) for _, status, _, _ in probe.answers)
     assert max(seconds for *_, seconds in probe.answers) < SERVER_TIMEOUT
