@@ -6,6 +6,7 @@ next one is queued), so none depends on timing.
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from exporter.legs import TallyLayout
-from exporter.store import SqliteCallStore, StoreUnavailable
+from exporter.store import SqliteCallStore, StoreUnavailable, flockwait
 from exporter.store.groupcommit import MAX_BATCH, GroupCommit, ProcessLock
 from tests.conftest import ACCOUNT, SECRET, Exporter
 
@@ -245,8 +246,25 @@ time.sleep(600)
 """
 
 
+@pytest.fixture(params=["in the kernel", "in a helper"])
+def flock_wait(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each flock test runs both ways a ProcessLock waits: in flock itself, interrupted at the
+    deadline (a store opened in the main thread), and through a helper thread (elsewhere)."""
+    assert flockwait.enable()  # pytest runs tests in the main thread
+    if request.param == "in a helper":
+        monkeypatch.setattr(flockwait, "available", lambda: False)
+    return str(request.param)
+
+
+def waiters_for(path: Path) -> int:
+    """How many flock requests for `path` the kernel has queued (the `->` lines of /proc/locks)."""
+    inode = f":{path.stat().st_ino} "
+    lines = Path("/proc/locks").read_text(encoding="ascii").splitlines()
+    return sum(1 for line in lines if "->" in line and inode in line)
+
+
 @pytest.fixture
-def stalled_peer() -> Iterator[Callable[[Path], subprocess.Popen[str]]]:
+def stalled_peer(flock_wait: str) -> Iterator[Callable[[Path], subprocess.Popen[str]]]:
     """Another process that takes a lock file's flock and keeps it (a stopped worker)."""
     peers: list[subprocess.Popen[str]] = []
 
@@ -288,8 +306,8 @@ def test_a_flock_released_by_the_peer_before_the_deadline_is_handed_over(
     lock = ProcessLock(path, 600.0)
     outcomes = Outcomes()
     outcomes.start("waiter", lock.acquire)
-    while not any(thread.name == "store-flock" for thread in threading.enumerate()):
-        time.sleep(0.001)  # the waiter is blocked in the kernel's queue for the lock
+    while not waiters_for(path):
+        time.sleep(0.001)  # until the waiter is blocked in the kernel's queue for the lock
     peer.kill()
     peer.wait(timeout=30)
     outcomes.join()
@@ -298,6 +316,44 @@ def test_a_flock_released_by_the_peer_before_the_deadline_is_handed_over(
     with pytest.raises(StoreUnavailable):  # this lock holds it now
         other.acquire()
     other.close()
+    lock.release()
+    lock.close()
+
+
+def test_a_thread_waiting_for_a_stalled_peer_is_given_up_at_the_deadline(
+    tmp_path: Path, stalled_peer: Callable[[Path], subprocess.Popen[str]], flock_wait: str
+) -> None:
+    path = tmp_path / "store.lock"
+    stalled_peer(path)
+    lock = ProcessLock(path, LOCK_TIMEOUT)
+    outcomes = Outcomes()
+    outcomes.start("waiter", lock.acquire)  # a request's thread, as in the server
+    outcomes.join()
+    assert isinstance(outcomes.of["waiter"], StoreUnavailable)
+    # A helper stays queued for the next wait to take over; a wait in the kernel leaves nothing.
+    assert waiters_for(path) == (1 if flock_wait == "in a helper" else 0)
+    lock.close()
+
+
+def test_a_signal_before_the_deadline_does_not_end_the_wait(
+    tmp_path: Path, stalled_peer: Callable[[Path], subprocess.Popen[str]]
+) -> None:
+    path = tmp_path / "store.lock"
+    peer = stalled_peer(path)
+    lock = ProcessLock(path, 600.0)
+    outcomes = Outcomes()
+    outcomes.start("waiter", lock.acquire)
+    while not waiters_for(path):
+        time.sleep(0.001)
+    waiter = outcomes.threads[0].ident
+    assert waiter is not None
+    signal.pthread_kill(waiter, flockwait.INTERRUPT)  # its flock returns EINTR: not a deadline
+    time.sleep(0.2)
+    assert "waiter" not in outcomes.of
+    peer.kill()
+    peer.wait(timeout=30)
+    outcomes.join()
+    assert outcomes.of == {"waiter": None}
     lock.release()
     lock.close()
 

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
+from exporter.store import flockwait
 from exporter.store.base import StoreUnavailable
 
 MAX_BATCH = 32  # changes committed together at most
@@ -184,13 +185,16 @@ class GroupCommit:
 class ProcessLock:
     """An exclusive flock of `path`, shared by every process writing one store.
 
-    Tried at once without blocking; when busy, a helper thread blocks in flock, so that the
-    kernel hands the lock over the moment it is released (a poller would only see it free
-    between another process's batches and could wait forever), while the caller waits for it
-    until `timeout`. A wait given up leaves its helper blocked: the next wait takes it over, or
-    the helper releases the lock as soon as it gets it. The lock is used under the process's
-    write turn, so one caller at a time. Opened in the process that uses it: a descriptor
-    inherited through fork shares its lock.
+    Tried at once without blocking; when busy, the caller waits in the kernel's queue for it,
+    so that the kernel hands the lock over the moment it is released (a poller would only see
+    it free between another process's batches and could wait forever), until `timeout`. The
+    caller blocks in flock itself where `flockwait` can interrupt it at the deadline (a store
+    opened in the main thread); elsewhere a helper thread blocks in flock while the caller
+    waits for it, which costs two more thread wake-ups at every hand-over. A wait given up
+    leaves its helper blocked: the next wait takes it over, or the helper releases the lock as
+    soon as it gets it. The lock is used under the process's write turn, so one caller at a
+    time. Opened in the process that uses it: a descriptor inherited through fork shares its
+    lock.
     """
 
     def __init__(
@@ -205,6 +209,7 @@ class ProcessLock:
         self._wanted = False  # a caller waits for that helper
         self._granted = False  # the helper took the lock for that caller
         self._failure: OSError | None = None
+        flockwait.enable()
 
     def acquire(self, follow: bool = False) -> None:
         """With `follow`, a lock file deleted or replaced since it was opened is reopened, so
@@ -242,6 +247,9 @@ class ProcessLock:
                 return
             except BlockingIOError:
                 pass
+            if flockwait.available():
+                self._wait_in_kernel(deadline)
+                return
         with self._state:
             if self._blocked_fd < 0:
                 self._wait_in_helper(self._fd)
@@ -262,6 +270,16 @@ class ProcessLock:
                     f"{self.path} has been held by another process for {self.timeout:g} s"
                 )
             self._granted = False
+
+    def _wait_in_kernel(self, deadline: float) -> None:
+        try:
+            taken = flockwait.wait(self._fd, deadline)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot lock {self.path}: {exc}") from exc
+        if not taken:
+            raise StoreUnavailable(
+                f"{self.path} has been held by another process for {self.timeout:g} s"
+            )
 
     def _wait_in_helper(self, fd: int) -> None:
         """Start a thread blocking in flock for `fd`; the caller holds `_state`."""
