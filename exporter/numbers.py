@@ -7,8 +7,10 @@ two numbers are the same when the last `match_digits` of their digits are.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import MappingProxyType
 
 DEFAULT_MATCH_DIGITS = 9
@@ -20,8 +22,15 @@ def number_key(number: str | None, match_digits: int = DEFAULT_MATCH_DIGITS) -> 
     """The digits two spellings of one number share: the last `match_digits`; None if none."""
     if number is None:
         return None
-    digits = "".join(char for char in number if char.isascii() and char.isdigit())
-    return digits[-match_digits:] or None
+    return _key(number, match_digits)
+
+
+@lru_cache(maxsize=4096)  # company numbers and busy callers recur, under the write lock
+def _key(number: str, match_digits: int) -> str | None:
+    return _NOT_A_DIGIT.sub("", number)[-match_digits:] or None
+
+
+_NOT_A_DIGIT = re.compile(r"[^0-9]")  # ASCII digits only, as the provider writes them
 
 
 @dataclass(frozen=True)
