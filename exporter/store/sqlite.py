@@ -350,6 +350,7 @@ class SqliteCallStore:
                 "INSERT OR IGNORE INTO meta VALUES ('party_key', ?)", (new_party_key(),)
             )
             if new or seed:
+                # The seed writes its rows itself: nothing is left to totals written at a COMMIT.
                 tx = _SqliteTransaction(connection, self.layout, b"", Totals())
                 tx.ensure_rows(self._seed.rows)
                 for account, extensions in self._seed.extensions:
@@ -605,8 +606,9 @@ class _SqliteJournal:
     """The store's write connection as the group-commit writer uses it.
 
     The totals of the change being made are summed in `change`, and join the batch's when the
-    change is kept; the batch's are written just before its COMMIT. A statement fewer per total
-    and event, each a turn of the GIL given up while every writer waits for this one.
+    change is kept; the batch's are written just before its COMMIT. A total then costs a
+    statement per batch instead of one per event, and each statement gives up the GIL while
+    every writer waits for this one.
     """
 
     def __init__(self, store: SqliteCallStore) -> None:
