@@ -41,7 +41,7 @@ class CountingJournal:
         )
         self.connection.execute("PRAGMA foreign_keys=ON")
         self.lock = ProcessLock(Path(f"{path}.lock"), LOCK_TIMEOUT)
-        self.begins = self.commits = 0
+        self.begins = self.commits = self.kept_changes = 0
         self.settled_with: list[BaseException | None] = []
 
     def begin(self) -> None:
@@ -54,6 +54,9 @@ class CountingJournal:
 
     def release(self) -> None:
         self.connection.execute("RELEASE change")
+
+    def kept(self) -> None:
+        self.kept_changes += 1
 
     def undo(self) -> bool:
         self.connection.execute("ROLLBACK TO change")
@@ -161,6 +164,7 @@ def test_changes_queued_together_share_one_commit(
     )
     assert outcomes.of == {"first": None, "later-0": None, "later-1": None, "later-2": None}
     assert (journal.begins, journal.commits) == (1, 1)
+    assert journal.kept_changes == 4
     assert journal.calls() == {"first", "c0", "c1", "c2"}
     assert journal.settled_with == [None]
 
@@ -190,6 +194,7 @@ def test_a_failing_change_is_taken_back_alone(
     assert isinstance(outcomes.of["later-0"], RuntimeError)
     assert outcomes.of["later-1"] is None
     assert journal.commits == 1
+    assert journal.kept_changes == 2  # what the failing one left for the COMMIT is not the batch's
     assert journal.calls() == {"first", "kept"}
 
 

@@ -6,16 +6,26 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from exporter.calls import CallTracker, TrackerSettings
 from exporter.config import parse_config
 from exporter.events import EVENT_KINDS, CallEvent, Direction, Service
-from exporter.legs import Leg, LegLabels, TallyKind, TallyLayout
+from exporter.legs import (
+    EventTaken,
+    Leg,
+    LegEnded,
+    LegLabels,
+    LegStarted,
+    Outcome,
+    TallyKind,
+    TallyLayout,
+)
 from exporter.startup import StartupError, initialise_store
 from exporter.store import SqliteCallStore, StoreUnavailable
 from tests.conftest import ACCOUNT, FakeClock, base_config
@@ -287,4 +297,176 @@ def test_a_forked_child_cannot_write_through_its_parents_store(tmp_path: Path) -
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     store.ping()
+    store.close()
+
+
+# -- totals written once per batch ------------------------------------------------------------
+
+LABELS = LegLabels(ACCOUNT, Service.VPBX, Direction.INBOUND, "108")
+Change = Callable[[Any], None]  # what a test does inside one store transaction
+
+
+def in_one_batch(store: SqliteCallStore, changes: list[Change]) -> list[BaseException | None]:
+    """Runs the changes in threads, forced into one batch: each keeps its turn until the next
+    is queued behind it. Returns what each raised, or None."""
+    outcomes: list[BaseException | None] = [None] * len(changes)
+    inside = [threading.Event() for _ in changes]
+
+    def run(index: int) -> None:
+        try:
+            with store.transaction() as tx:
+                inside[index].set()
+                try:
+                    changes[index](tx)
+                finally:  # a failing change too keeps the batch open for the next
+                    deadline = time.monotonic() + 60
+                    while index + 1 < len(changes) and not store._writes.waiting:
+                        assert time.monotonic() < deadline, "the next change never queued"
+                        time.sleep(0.001)
+        except BaseException as exc:
+            outcomes[index] = exc
+        finally:
+            inside[index].set()
+
+    threads = []
+    for index in range(len(changes)):
+        thread = threading.Thread(target=run, args=(index,))
+        thread.start()
+        threads.append(thread)
+        assert inside[index].wait(timeout=60)  # in its turn before the next one queues
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    return outcomes
+
+
+def call(call_id: str, at: float, labels: LegLabels = LABELS, fail: bool = False) -> Change:
+    """A change as an answered call's end leaves it: a leg, its tallies, the event's time."""
+
+    def run(tx: Any) -> None:
+        tx.insert_leg(Leg(labels, labels.extension, call_id, at, at), did=None)
+        tx.record(
+            [
+                EventTaken(Service.VPBX, "onInCallingStart"),
+                LegStarted(labels),
+                LegEnded(labels, Outcome.ANSWERED, ring_seconds=at / 100, talk_seconds=None),
+            ]
+        )
+        tx.touch(ACCOUNT, Service.VPBX, at)
+        if fail:
+            raise RuntimeError("this change fails after writing")
+
+    return run
+
+
+@contextmanager
+def statements_of(store: SqliteCallStore) -> Iterator[list[str]]:
+    """The statements the store's writer runs meanwhile, as SQLite traces them."""
+    statements: list[str] = []
+    connection = store._write_connection()
+    connection.set_trace_callback(statements.append)
+    try:
+        yield statements
+    finally:
+        connection.set_trace_callback(None)
+
+
+def test_the_totals_of_a_batch_are_summed_and_written_once_before_its_commit(
+    tmp_path: Path,
+) -> None:
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    with statements_of(store) as statements:
+        outcomes = in_one_batch(store, [call("c1", 300.0), call("c2", 400.0)])
+
+    assert outcomes == [None, None]
+    assert [s.split(" (")[0] for s in statements if s.startswith(("BEGIN", "COMMIT"))] == [
+        "BEGIN IMMEDIATE",
+        "COMMIT",
+    ]
+    written = [s.split()[2] for s in statements if s.startswith("INSERT INTO")]
+    # The legs with each change; each table of totals in one statement, for both.
+    assert sorted(written) == ["active_legs", "counters", "last_events", "legs", "legs", "timings"]
+    assert statements[-1] == "COMMIT"
+    snapshot = store.snapshot()
+    leg_values = (str(ACCOUNT), "vpbx", "inbound", "108")
+    assert snapshot.counters == {
+        TallyKind.EVENTS: {("vpbx", "onInCallingStart"): 2.0},
+        TallyKind.STARTED: {leg_values: 2.0},
+        TallyKind.ENDED: {(*leg_values, "answered"): 2.0},
+    }
+    (ring,) = snapshot.timings[TallyKind.RING]
+    assert (ring.buckets, ring.total) == ({5.0: 2}, 7.0)
+    assert snapshot.active == {LABELS: 2}
+    assert snapshot.last_events == {(ACCOUNT, Service.VPBX): 400.0}
+    store.close()
+
+
+@pytest.mark.parametrize("failing", [0, 1], ids=["the first", "the second"])
+def test_a_failing_change_leaves_nothing_in_its_batchs_totals(tmp_path: Path, failing: int) -> None:
+    """The first change of a batch has no savepoint: its failure ends the batch, and the
+    changes behind it start another one."""
+    store = SqliteCallStore(tmp_path / "calls.sqlite3", LAYOUT)
+    elsewhere = LegLabels(ACCOUNT, Service.VPBX, Direction.INBOUND, "109")
+    changes = [call("c1", 300.0), call("c2", 400.0), call("c3", 200.0)]
+    changes[failing] = call("failing", 900.0, elsewhere, fail=True)
+
+    outcomes = in_one_batch(store, changes)
+
+    assert isinstance(outcomes[failing], RuntimeError)
+    assert [outcome for n, outcome in enumerate(outcomes) if n != failing] == [None, None]
+    kept = {"c1", "c2", "c3"} - {("c1", "c2")[failing]}
+    assert stored_call_ids(tmp_path / "calls.sqlite3") == kept
+    snapshot = store.snapshot()
+    assert snapshot.counters[TallyKind.STARTED] == {(str(ACCOUNT), "vpbx", "inbound", "108"): 2.0}
+    assert snapshot.counters[TallyKind.EVENTS] == {("vpbx", "onInCallingStart"): 2.0}
+    assert snapshot.active == {LABELS: 2}
+    assert snapshot.last_events == {(ACCOUNT, Service.VPBX): 400.0 if failing == 0 else 300.0}
+    (ring,) = snapshot.timings[TallyKind.RING]
+    assert sum(ring.buckets.values()) == 2
+    store.close()
+
+
+REFUSE_LATE_TOTALS = """
+CREATE TRIGGER refuse_late_totals BEFORE INSERT ON last_events WHEN NEW.at >= 1000
+BEGIN SELECT RAISE(ABORT, 'totals refused'); END
+"""
+
+
+def refuse_late_totals(path: Path) -> None:
+    """Totals dated 1000 or later cannot be written: the batch holding them fails at its end."""
+    with sqlite3.connect(path) as connection:
+        connection.execute(REFUSE_LATE_TOTALS)
+    connection.close()
+
+
+@pytest.mark.parametrize("refuse", [refuse_late_totals, Path.unlink], ids=["totals", "file"])
+def test_a_batch_refused_at_its_commit_keeps_none_of_its_totals(
+    tmp_path: Path, refuse: Callable[[Path], None]
+) -> None:
+    """Its totals fail to be written, or its COMMIT goes to a file deleted meanwhile: every
+    change of the batch is refused, and the next batch writes only its own totals."""
+    path = tmp_path / "calls.sqlite3"
+    store = SqliteCallStore(path, LAYOUT)
+    if refuse is refuse_late_totals:
+        refuse(path)
+        last = call("c2", 1000.0)
+    else:
+
+        def last(tx: Any) -> None:
+            call("c2", 1000.0)(tx)
+            refuse(path)
+
+    outcomes = in_one_batch(store, [call("c1", 300.0), last])
+
+    assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes), outcomes
+    empty = store.snapshot()  # first: it recreates a deleted file
+    assert stored_call_ids(path) == set()
+    assert (empty.counters, empty.timings, empty.active, empty.last_events) == ({}, {}, {}, {})
+    with store.transaction() as tx:
+        call("after", 500.0)(tx)
+    snapshot = store.snapshot()
+    assert stored_call_ids(path) == {"after"}
+    assert snapshot.counters[TallyKind.STARTED] == {(str(ACCOUNT), "vpbx", "inbound", "108"): 1.0}
+    assert snapshot.active == {LABELS: 1}
+    assert snapshot.last_events == {(ACCOUNT, Service.VPBX): 500.0}
     store.close()

@@ -39,14 +39,21 @@ class Journal(Protocol):
 
     def release(self) -> None: ...
 
+    def kept(self) -> None:
+        """The change just made is the batch's now (released from its savepoint, if any):
+        what it left for the COMMIT joins the batch's."""
+
     def undo(self) -> bool:
-        """Roll back to the savepoint; False if the database gave up the whole transaction."""
+        """Roll back to the savepoint, with what the change left for the COMMIT; False if the
+        database gave up the whole transaction."""
 
     def commit(self) -> None:
-        """COMMIT; raises if the batch's changes were not kept."""
+        """Write what the batch's changes left for it, then COMMIT; raises if the batch's
+        changes were not kept."""
 
     def rollback(self) -> None:
-        """Roll back whatever is open; never raises."""
+        """Roll back whatever is open, with what the batch's changes left for the COMMIT;
+        never raises."""
 
     def finish(self) -> None:
         """Release the process lock, after the COMMIT or ROLLBACK."""
@@ -117,6 +124,7 @@ class GroupCommit:
                 if not first:
                     self._journal.release()
                 batch.size += 1
+                self._journal.kept()
             except BaseException as exc:
                 failure = exc
                 self._undo(batch, first, exc)

@@ -68,7 +68,7 @@ from exporter.store.pgcallers import (
     TRY_LOCK_CALLERS,
     PostgresCallerBook,
 )
-from exporter.store.rows import LEG_COLUMNS, _key, _labels, _leg, _timing_series
+from exporter.store.rows import LEG_COLUMNS, Totals, _key, _labels, _leg, _timing_series
 
 # Advisory lock classes: a constant of our own, so that other users of the database are not hit.
 LEG_LOCKS = 0x6D636E01
@@ -386,7 +386,7 @@ class Batch:
         self.size = 0  # changes in it that succeeded
         self.error: BaseException | None = None
         # What its changes leave to the commit, and what it holds until then.
-        self.totals = Totals()
+        self.totals = PostgresTotals()
         self.locks: set[int] = set()  # advisory leg locks: re-entrant, taken once a batch
         self.caller_locks: set[int] = set()  # accounts whose caller records it holds
         self.admitted: set[tuple[int, str]] = set()  # extensions known admitted
@@ -608,25 +608,10 @@ class GroupCommit:
                 batch.done.release()
 
 
-class Totals:
-    """Totals added by a change or a batch, written at its COMMIT."""
+class PostgresTotals(Totals):
+    """A batch's totals, written at its COMMIT."""
 
-    def __init__(self) -> None:
-        self.last_events: dict[tuple[int, str], float] = {}
-        self.active: dict[tuple[int, str, str, str], int] = {}
-        self.counters: dict[tuple[str, str], float] = {}
-        self.timings: dict[tuple[str, str, float], tuple[int, float]] = {}
-
-    def add(self, other: Totals) -> None:
-        for key, at in other.last_events.items():
-            self.last_events[key] = max(at, self.last_events.get(key, at))
-        for key_a, change in other.active.items():
-            self.active[key_a] = self.active.get(key_a, 0) + change
-        for key_c, value in other.counters.items():
-            self.counters[key_c] = self.counters.get(key_c, 0.0) + value
-        for key_t, (count, total) in other.timings.items():
-            old_count, old_total = self.timings.get(key_t, (0, 0.0))
-            self.timings[key_t] = (old_count + count, old_total + total)
+    __slots__ = ()
 
     def write(self, connection: psycopg.Connection[Any]) -> None:
         """Each table's rows in key order, and tables in a fixed order.
@@ -871,21 +856,10 @@ class _PostgresTransaction:
 
     def touch(self, account: int, service: Service, at: float) -> None:
         self._event = True  # only an event's change is dated: see may_sweep
-        key = (account, service.value)
-        last_events = self._totals.last_events
-        last_events[key] = max(at, last_events.get(key, at))
+        self._totals.touch(account, service, at)
 
     def record(self, tallies: Iterable[Tally]) -> None:
-        counters, timings = self._totals.counters, self._totals.timings
-        for tally in tallies:
-            for row in self.layout.rows(tally):
-                if isinstance(row, CounterRow):
-                    counter = (row.kind.value, _key(row.labels))
-                    counters[counter] = counters.get(counter, 0.0) + 1
-                else:
-                    timing = (row.kind.value, _key(row.labels), row.bucket)
-                    count, total = timings.get(timing, (0, 0.0))
-                    timings[timing] = (count + 1, total + row.seconds)
+        self._totals.record(self.layout, tallies)
 
     def lock_account(self, account: int) -> None:
         """The lock an account's extensions are admitted under."""
@@ -1058,9 +1032,7 @@ class _PostgresTransaction:
         self._begun = True
 
     def _count_active(self, labels: LegLabels, change: int) -> None:
-        key = (labels.account, labels.service.value, labels.direction.value, labels.extension)
-        active = self._totals.active
-        active[key] = active.get(key, 0) + change
+        self._totals.count_active(labels, change)
 
     def _party(self, did: str | None) -> str | None:
         return party_digest(self._party_key, did)

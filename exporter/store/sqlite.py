@@ -2,21 +2,23 @@
 
 A leg's change and the totals it implies are written in one transaction, so a worker killed at
 any instant leaves either both or neither; the workers' changes are committed in groups
-(exporter.store.groupcommit).
+(exporter.store.groupcommit), and the totals of a group are added up in Python and written once,
+just before its COMMIT.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from exporter.events import Direction, Service
 from exporter.legs import CounterRow, Leg, LegLabels, Tally, TallyKind, TallyLayout, TimingRow
@@ -31,7 +33,7 @@ from exporter.store.base import (
 )
 from exporter.store.digests import new_party_key, party_digest
 from exporter.store.groupcommit import FileId, GroupCommit, ProcessLock, _file_id
-from exporter.store.rows import LEG_COLUMNS, _key, _labels, _leg, _timing_series
+from exporter.store.rows import LEG_COLUMNS, Totals, _key, _labels, _leg, _timing_series
 from exporter.store.sqlite_callers import CALLER_SCHEMA, SqliteCallerBook
 
 R = TypeVar("R")
@@ -44,6 +46,9 @@ WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the WAL file is cut back to after a c
 PROBE_FRESH = 1.0  # seconds a successful write stands for readiness without a write probe
 FAILURE_HOLD = 5.0  # seconds a failed write keeps the store unready, unless a write succeeds
 JOURNALS = ("-wal", "-shm")  # the files SQLite keeps next to the store, named after it
+# Rows of totals one upsert writes at most: a statement per row count is prepared and cached,
+# and SQLite's statement cache (128) must keep the ones of every event too.
+TOTALS_PER_STATEMENT = 16
 
 
 SCHEMA = """
@@ -199,7 +204,8 @@ class SqliteCallStore:
         self._process_lock = ProcessLock(
             Path(f"{self.path}.lock"), lock_timeout, before_opening=self._make_directory
         )
-        self._writes = GroupCommit(_SqliteJournal(self), lock_timeout)
+        self._journal = _SqliteJournal(self)
+        self._writes = GroupCommit(self._journal, lock_timeout)
         # SQLite connections and locks do not survive a fork: a store serves one process.
         self._owner_pid = os.getpid()
         self._closed = False
@@ -219,7 +225,9 @@ class SqliteCallStore:
         (StoreUnavailable if it could not be)."""
         try:
             with self._writes.change():
-                yield _SqliteTransaction(self._write_connection(), self.layout, self._party_key)
+                yield _SqliteTransaction(
+                    self._write_connection(), self.layout, self._party_key, self._journal.change
+                )
         except sqlite3.Error as exc:
             self._note_write(exc)
             raise StoreUnavailable(str(exc)) from exc
@@ -342,7 +350,8 @@ class SqliteCallStore:
                 "INSERT OR IGNORE INTO meta VALUES ('party_key', ?)", (new_party_key(),)
             )
             if new or seed:
-                tx = _SqliteTransaction(connection, self.layout, b"")
+                # The seed writes its rows itself: nothing is left to totals written at a COMMIT.
+                tx = _SqliteTransaction(connection, self.layout, b"", Totals())
                 tx.ensure_rows(self._seed.rows)
                 for account, extensions in self._seed.extensions:
                     tx.reserve_extensions(account, extensions)
@@ -594,14 +603,23 @@ class SqliteCallStore:
 
 
 class _SqliteJournal:
-    """The store's write connection as the group-commit writer uses it."""
+    """The store's write connection as the group-commit writer uses it.
+
+    The totals of the change being made are summed in `change`, and join the batch's when the
+    change is kept; the batch's are written just before its COMMIT. A total then costs a
+    statement per batch instead of one per event, and each statement gives up the GIL while
+    every writer waits for this one.
+    """
 
     def __init__(self, store: SqliteCallStore) -> None:
         self._store = store
+        self.change = Totals()
+        self._batch = Totals()
 
     def begin(self) -> None:
         """BEGIN IMMEDIATE in the file at `path`, under the cross-process lock."""
         store = self._store
+        self._forget_totals()  # a new batch starts from nothing, whatever ended the last one
         store._check_usable()
         try:
             if not store._is_current():
@@ -623,7 +641,15 @@ class _SqliteJournal:
     def release(self) -> None:
         self._store._write_connection().execute("RELEASE change")
 
+    def kept(self) -> None:
+        if self._batch:
+            self._batch.add(self.change)
+            self.change.clear()
+        else:  # the first change's sums are the batch's as they are
+            self._batch, self.change = self.change, self._batch
+
     def undo(self) -> bool:
+        self.change.clear()
         connection = self._store._write_connection()
         _rollback(connection, "ROLLBACK TO change")
         _rollback(connection, "RELEASE change")
@@ -631,13 +657,19 @@ class _SqliteJournal:
 
     def commit(self) -> None:
         store = self._store
-        store._write_connection().execute("COMMIT")
+        connection = store._write_connection()
+        try:
+            _write_totals(connection, self._batch)
+            connection.execute("COMMIT")
+        finally:
+            self._forget_totals()
         store._checkpoints.committed()
         if not store._is_current():
             # Committed to a file no longer at `path`: lost at the next start.
             raise StoreUnavailable(f"{store.path} was deleted or replaced: the change was not kept")
 
     def rollback(self) -> None:
+        self._forget_totals()
         if self._store._writer is not None:
             _rollback(self._store._writer)
 
@@ -646,6 +678,60 @@ class _SqliteJournal:
 
     def settled(self, error: BaseException | None) -> None:
         self._store._note_write(error)
+
+    def _forget_totals(self) -> None:
+        self.change.clear()
+        self._batch.clear()
+
+
+def _write_totals(connection: sqlite3.Connection, totals: Totals) -> None:
+    """A batch's totals, a statement per table (and TOTALS_PER_STATEMENT rows)."""
+    if totals.counters:
+        _upsert(connection, _COUNTERS, _flat(totals.counters))
+    if totals.timings:
+        values: list[object] = []
+        for key, count_and_total in totals.timings.items():
+            values += key
+            values += count_and_total
+        _upsert(connection, _TIMINGS, values)
+    if totals.active:
+        _upsert(connection, _ACTIVE_LEGS, _flat(totals.active))
+    if totals.last_events:
+        _upsert(connection, _LAST_EVENTS, _flat(totals.last_events))
+
+
+def _flat(totals: Mapping[tuple[Any, ...], object]) -> list[object]:
+    """Rows of (key..., value), one after the other in one list: the parameters of an upsert."""
+    values: list[object] = []
+    for key, value in totals.items():
+        values += key
+        values.append(value)
+    return values
+
+
+# Each table's upsert: its name, its column count, what a row already there becomes.
+_COUNTERS = ("counters", 3, "value = value + excluded.value")
+_TIMINGS = ("timings", 5, "count = count + excluded.count, total = total + excluded.total")
+_ACTIVE_LEGS = ("active_legs", 5, "count = count + excluded.count")
+_LAST_EVENTS = ("last_events", 3, "at = max(at, excluded.at)")
+
+
+def _upsert(
+    connection: sqlite3.Connection, table: tuple[str, int, str], values: list[object]
+) -> None:
+    """One multi-row INSERT ... ON CONFLICT DO UPDATE per TOTALS_PER_STATEMENT rows: cheaper
+    than executemany, which runs every row on its own (and gives up the GIL for each)."""
+    name, columns, update = table
+    step = TOTALS_PER_STATEMENT * columns
+    for start in range(0, len(values), step):
+        chunk = values[start : start + step] if len(values) > step else values
+        connection.execute(_upsert_sql(name, columns, update, len(chunk) // columns), chunk)
+
+
+@functools.cache
+def _upsert_sql(name: str, columns: int, update: str, rows: int) -> str:
+    values = ", ".join(["(" + ", ".join("?" * columns) + ")"] * rows)
+    return f"INSERT INTO {name} VALUES {values} ON CONFLICT DO UPDATE SET {update}"
 
 
 _STILL_MATCHES = "(closed_at IS NULL OR closed_at >= ? OR outcome = 'expired')"
@@ -667,10 +753,15 @@ _LEGS_OF_PARTY = (
 
 
 class _SqliteTransaction:
-    def __init__(self, connection: sqlite3.Connection, layout: TallyLayout, key: bytes) -> None:
+    """One change: its legs written at once, its totals summed in `totals` (see _SqliteJournal)."""
+
+    def __init__(
+        self, connection: sqlite3.Connection, layout: TallyLayout, key: bytes, totals: Totals
+    ) -> None:
         self.connection = connection
         self.layout = layout
         self._party_key = key
+        self.totals = totals
         self._callers: SqliteCallerBook | None = None
 
     @property
@@ -775,11 +866,7 @@ class _SqliteTransaction:
         return True
 
     def touch(self, account: int, service: Service, at: float) -> None:
-        self.connection.execute(
-            "INSERT INTO last_events VALUES (?, ?, ?)"
-            " ON CONFLICT DO UPDATE SET at = max(at, excluded.at)",
-            (account, service.value, at),
-        )
+        self.totals.touch(account, service, at)
 
     def reserve_extensions(self, account: int, extensions: Iterable[str]) -> None:
         self.connection.executemany(
@@ -817,34 +904,10 @@ class _SqliteTransaction:
         self.connection.executemany("INSERT OR IGNORE INTO timings VALUES (?, ?, ?, 0, 0)", timings)
 
     def record(self, tallies: Iterable[Tally]) -> None:
-        for tally in tallies:
-            for row in self.layout.rows(tally):
-                if isinstance(row, CounterRow):
-                    self.connection.execute(
-                        "INSERT INTO counters VALUES (?, ?, 1)"
-                        " ON CONFLICT DO UPDATE SET value = value + 1",
-                        (row.kind.value, _key(row.labels)),
-                    )
-                else:
-                    self.connection.execute(
-                        "INSERT INTO timings VALUES (?, ?, ?, 1, ?)"
-                        " ON CONFLICT DO UPDATE"
-                        " SET count = count + 1, total = total + excluded.total",
-                        (row.kind.value, _key(row.labels), row.bucket, row.seconds),
-                    )
+        self.totals.record(self.layout, tallies)
 
     def _count_active(self, labels: LegLabels, change: int) -> None:
-        self.connection.execute(
-            "INSERT INTO active_legs VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT DO UPDATE SET count = count + excluded.count",
-            (
-                labels.account,
-                labels.service.value,
-                labels.direction.value,
-                labels.extension,
-                change,
-            ),
-        )
+        self.totals.count_active(labels, change)
 
     def _party(self, did: str | None) -> str | None:
         return party_digest(self._party_key, did)
