@@ -52,9 +52,6 @@ class CountingJournal:
     def savepoint(self) -> None:
         self.connection.execute("SAVEPOINT change")
 
-    def release(self) -> None:
-        self.connection.execute("RELEASE change")
-
     def kept(self) -> None:
         self.kept_changes += 1
 

@@ -35,13 +35,13 @@ class Journal(Protocol):
     def begin(self) -> None:
         """Take the process lock and open a transaction (StoreUnavailable if it cannot)."""
 
-    def savepoint(self) -> None: ...
-
-    def release(self) -> None: ...
+    def savepoint(self) -> None:
+        """A savepoint named for changes. Never released: the next change's nests in it, one
+        statement less per change, and ROLLBACK TO goes back to the latest of the name."""
 
     def kept(self) -> None:
-        """The change just made is the batch's now (released from its savepoint, if any):
-        what it left for the COMMIT joins the batch's."""
+        """The change just made is the batch's now: what it left for the COMMIT joins the
+        batch's."""
 
     def undo(self) -> bool:
         """Roll back to the savepoint, with what the change left for the COMMIT; False if the
@@ -121,8 +121,6 @@ class GroupCommit:
                 if not first:
                     self._journal.savepoint()
                 yield
-                if not first:
-                    self._journal.release()
                 batch.size += 1
                 self._journal.kept()
             except BaseException as exc:

@@ -638,9 +638,6 @@ class _SqliteJournal:
     def savepoint(self) -> None:
         self._store._write_connection().execute("SAVEPOINT change")
 
-    def release(self) -> None:
-        self._store._write_connection().execute("RELEASE change")
-
     def kept(self) -> None:
         if self._batch:
             self._batch.add(self.change)
