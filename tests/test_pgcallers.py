@@ -1008,3 +1008,65 @@ def test_a_ring_group_rung_through_two_replicas_at_once_is_one_caller_called_bac
     assert snapshot.counters[TallyKind.CALLBACK_ATTEMPTS] == {(str(ACCOUNT), "answered"): 1}
     assert snapshot.waiting_callers == {}
     assert snapshot.counters[TallyKind.INBOUND_CALLS][str(ACCOUNT), "Main line", "missed"] == 1
+
+
+def webhook_mix(n: int) -> list[CallEvent]:
+    """Call `n`'s events, each call with a number and extension of its own: inbound answered,
+    missed, rung in a group (answered by one leg, the other cancelled); a call back to the
+    caller missed two calls before; telephony. Every other call has no call_id."""
+    kind = n % 5
+    number = f"090312{n - 2 if kind == 3 else n:04d}"
+    call_id = f"call-{n}" if n % 2 else None
+    a, b = str(100 + n % 7), str(200 + n % 7)
+
+    def event(event_type: str, abon: str, billsec: int | None = None) -> CallEvent:
+        kind = EVENT_KINDS[event_type]
+        return CallEvent(
+            event_type, kind, ACCOUNT, kind.service, abon, number, call_id, billsec, MAIN
+        )
+
+    if kind == 0:
+        return [
+            event("onInCallingStart", a),
+            event("onInCallingAnswered", a),
+            event("onInCallingEnd", a, 30),
+        ]
+    if kind == 1:
+        return [event("onInCallingStart", a), event("onInCallingMissed", a)]
+    if kind == 2:
+        return [
+            event("onInCallingStart", a),
+            event("onInCallingStart", b),
+            event("onInCallingAnswered", a),
+            event("onCloseIncomingNotice", b),
+            event("onInCallingEnd", a, 30),
+        ]
+    if kind == 3:
+        return [
+            event("onOutCallingStart", a),
+            event("onOutCallingAnswered", a),
+            event("onOutCallingEnd", a, 30),
+        ]
+    return [event("InboundCallStart", a), event("InboundCallEnd", a)]
+
+
+def test_a_callers_events_stay_within_the_locks_the_caller_level_names_for_them(
+    pausing_stores: tuple[PausingStore, PausingStore],
+) -> None:
+    """Every event of ordinary traffic reaches only the caller records its scope names: none
+    is made again under the whole account (each would cost a second change)."""
+    store, _ = pausing_stores
+    clock = FakeClock()
+    tracker = CallTracker(store, TrackerSettings(lines=LINES), clock)
+    events = [event for n in range(40) for event in webhook_mix(n)]
+    for event in events:
+        tracker.on_event(event)
+        clock.advance(1)
+    clock.advance(3600)
+    tracker.expire_stale()
+    assert store.changes == len(events) + 1
+    snapshot = store.snapshot()
+    settled = snapshot.counters[TallyKind.INBOUND_CALLS]
+    assert sum(settled.values()) == 24, "every inbound call counted once"
+    resolved = snapshot.counters[TallyKind.CALLERS_RESOLVED]
+    assert resolved[str(ACCOUNT), "Main line", "called_back"] == 8, "each missed caller"
