@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from functools import lru_cache
 
 
 def new_party_key() -> str:
@@ -20,4 +21,9 @@ def party_digest(key: bytes, number: str | None) -> str | None:
     """
     if number is None:
         return None
+    return _digest(key, number)
+
+
+@lru_cache(maxsize=8192)  # a call's events carry its numbers again and again, under the write lock
+def _digest(key: bytes, number: str) -> str:
     return hmac.new(key, number.encode(), hashlib.sha256).hexdigest()[:16]
