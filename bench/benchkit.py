@@ -329,6 +329,7 @@ class Traffic:
     extensions: int = 60
     limit: int = 0  # "starts" mode: responses per wrk thread before it stops
     timeout_s: int = 5
+    pauses: str = "drawn"  # at a fixed rate: "drawn" (exponential, of the mean delay) or "fixed"
 
     @property
     def delay_ms(self) -> float:
@@ -361,6 +362,7 @@ def wrk_command(server: Server, traffic: Traffic, run_id: str) -> tuple[list[str
         MCN_BENCH_SECRET=SECRET,
         MCN_BENCH_EXTENSIONS=str(traffic.extensions),
         MCN_BENCH_DELAY_MS=f"{traffic.delay_ms:.3f}",
+        MCN_BENCH_PAUSES=traffic.pauses,
         MCN_BENCH_LIMIT=str(traffic.limit),
     )
     return argv, env

@@ -33,7 +33,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,7 @@ class Options:
     workers: int | None
     threads: int | None
     rate: float
+    pauses: str
     render_sizes: tuple[int, ...]
     render_repeats: int
     memory_legs: tuple[int, ...]
@@ -142,6 +143,7 @@ def ingest(options: Options, workdir: Path, report: Report, fixed_rate: bool) ->
         connections=options.connections,
         threads=options.wrk_threads,
         rate=options.rate if fixed_rate else 0.0,
+        pauses=options.pauses,
     )
     config = write_config(workdir / name, "ceiling", options.threads)
     servers = [Server.noop("ceiling", config, _workers(options), workdir / name)]
@@ -184,7 +186,7 @@ def _rounds(
         for server in servers:
             server.start()
         for server in servers:  # warm-up: imports, connections, caches; not counted
-            load(server, Traffic(seconds=2, connections=options.connections, rate=traffic.rate))
+            load(server, replace(traffic, seconds=2))
         for index in range(options.rounds):
             order = servers if index % 2 == 0 else list(reversed(servers))
             for server in order:
@@ -630,6 +632,12 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--workers", type=int, help="gunicorn workers (the config default, 2)")
     parser.add_argument("--threads", type=int, help="gunicorn threads (the config default, 4)")
     parser.add_argument("--rate", type=float, default=200, help="events/s, fixed-rate runs (200)")
+    parser.add_argument(
+        "--pauses",
+        choices=("drawn", "fixed"),
+        default="drawn",
+        help="fixed-rate pauses: drawn from an exponential of the mean (default), or fixed",
+    )
     parser.add_argument("--render-sizes", help="label sets (100,1000,10000; quick 100,1000)")
     parser.add_argument("--render-repeats", type=int, help="renders timed per size (15; quick 5)")
     parser.add_argument("--memory-legs", help="open legs (10000,100000; quick 1000,10000)")
@@ -673,6 +681,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         workers=args.workers,
         threads=args.threads,
         rate=args.rate,
+        pauses=args.pauses,
         render_sizes=_sizes(args.render_sizes or ("100,1000" if quick else "100,1000,10000")),
         render_repeats=args.render_repeats or (5 if quick else 15),
         memory_legs=_sizes(args.memory_legs or ("1000,10000" if quick else "10000,100000")),

@@ -9,6 +9,9 @@
 --   MCN_BENCH_EXTENSIONS  how many extensions the calls ring (default 60)
 --   MCN_BENCH_DELAY_MS    pause per connection between a response and its next request; with
 --                         C connections the rate is about C * 1000 / delay events per second
+--   MCN_BENCH_PAUSES      "drawn" (default): each pause drawn from an exponential distribution
+--                         of that mean, as webhooks of independent calls arrive; "fixed": always
+--                         that pause (the connections then fall into step with a group commit)
 --   MCN_BENCH_LIMIT       "starts" mode: each wrk thread stops after this many responses
 --
 -- done() prints one line "BENCH_JSON {...}" with the counts and latency percentiles (in us).
@@ -19,6 +22,7 @@ local account = tonumber(os.getenv("MCN_BENCH_ACCOUNT") or "10123")
 local secret = os.getenv("MCN_BENCH_SECRET") or "SecretToken"
 local extensions = tonumber(os.getenv("MCN_BENCH_EXTENSIONS") or "60")
 local delay_ms = tonumber(os.getenv("MCN_BENCH_DELAY_MS") or "0")
+local drawn_pauses = (os.getenv("MCN_BENCH_PAUSES") or "drawn") ~= "fixed"
 local limit = tonumber(os.getenv("MCN_BENCH_LIMIT") or "0")
 
 local SLOTS = 256 -- calls in progress per wrk thread; their events interleave
@@ -134,7 +138,16 @@ function request()
   return wrk.format("POST", nil, headers, next_body())
 end
 
-if delay_ms > 0 then
+if delay_ms > 0 and drawn_pauses then
+  local seeded = false
+  function delay()
+    if not seeded then -- each thread its own draws (tid is set once the thread runs)
+      math.randomseed(tid * 7919 + os.time())
+      seeded = true
+    end
+    return -delay_ms * math.log(1 - math.random())
+  end
+elseif delay_ms > 0 then
   function delay()
     return delay_ms
   end
