@@ -3,8 +3,9 @@
 `fcntl.flock` has no timeout, and Python retries it whenever a signal interrupts it. Here a
 blocked wait is libc's `flock` called through ctypes (the GIL released, no retry on EINTR): the
 waiting thread is woken by the kernel the moment the lock is handed to it, with no other thread
-in between (docs/performance.md, "The optimisations"). A watchdog thread interrupts the waits
-that outlive their deadline with SIGURG aimed at the waiting thread.
+in between (docs/performance.md, "Ingest and the PostgreSQL store since the side-by-side
+runs"). A watchdog thread interrupts the waits that outlive their deadline with SIGURG aimed at
+the waiting thread.
 
 An interrupting signal must have a handler (an ignored signal does not interrupt a system call),
 and only the main thread may install one: `enable()` does, when a store is opened in the main
