@@ -78,7 +78,17 @@ from exporter.store.pgcallers import (
     PostgresCallerBook,
     scope_keys,
 )
-from exporter.store.rows import LEG_COLUMNS, Totals, _key, _labels, _leg, _timing_series
+from exporter.store.rows import (
+    LEG_COLUMNS,
+    NEW_LEG_COLUMNS,
+    Totals,
+    _key,
+    _labels,
+    _leg,
+    _timing_series,
+    leg_progress,
+    new_leg_values,
+)
 
 # Advisory lock classes: a constant of our own, so that other users of the database are not hit.
 LEG_LOCKS = 0x6D636E01
@@ -762,23 +772,9 @@ class _PostgresTransaction:
                 _abon_lock(labels.account, labels.service.value, labels.direction.value, leg.abon)
             )
         cursor = self.connection.execute(
-            "INSERT INTO legs (account, service, direction, abon, extension, party, call_id,"
-            " opened_at, started_at, answered_at, closed_at, outcome)"
+            f"INSERT INTO legs ({NEW_LEG_COLUMNS})"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-            (
-                labels.account,
-                labels.service.value,
-                labels.direction.value,
-                leg.abon,
-                labels.extension,
-                self._party(did),
-                leg.call_id,
-                leg.opened_at,
-                leg.started_at,
-                leg.answered_at,
-                leg.closed_at,
-                leg.outcome.value if leg.outcome else None,
-            ),
+            new_leg_values(leg, self._party(did)),
         )
         self._begun = True
         self._inserted.append((leg, cursor))  # its id is read with the change's next answer
@@ -796,11 +792,10 @@ class _PostgresTransaction:
         if leg_id is None or was_open is None:
             self._save_unknown_leg(leg)
         elif was_open:
-            outcome = leg.outcome.value if leg.outcome else None
             self.connection.execute(
                 "UPDATE legs SET started_at = %s, answered_at = %s, closed_at = %s, outcome = %s"
                 " WHERE id = %s",
-                (leg.started_at, leg.answered_at, leg.closed_at, outcome, leg_id),
+                (*leg_progress(leg), leg_id),
             )
             if not leg.is_open:
                 self._open[leg_id] = False
@@ -1012,11 +1007,10 @@ class _PostgresTransaction:
 
     def _save_unknown_leg(self, leg: Leg) -> None:
         """A leg not read in this change: whether it is still open is the server's to say."""
-        outcome = leg.outcome.value if leg.outcome else None
         cursor = self.connection.execute(
             "UPDATE legs SET started_at = %s, answered_at = %s, closed_at = %s, outcome = %s"
             " WHERE id = %s AND closed_at IS NULL RETURNING id",  # an answer, even pipelined
-            (leg.started_at, leg.answered_at, leg.closed_at, outcome, leg.id),
+            (*leg_progress(leg), leg.id),
         )
         if cursor.fetchone() is None:
             # Closed already: a late start is all that is left to record.

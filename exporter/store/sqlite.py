@@ -33,7 +33,17 @@ from exporter.store.base import (
 )
 from exporter.store.digests import new_party_key, party_digest
 from exporter.store.groupcommit import FileId, GroupCommit, ProcessLock, _file_id
-from exporter.store.rows import LEG_COLUMNS, Totals, _key, _labels, _leg, _timing_series
+from exporter.store.rows import (
+    LEG_COLUMNS,
+    NEW_LEG_COLUMNS,
+    Totals,
+    _key,
+    _labels,
+    _leg,
+    _timing_series,
+    leg_progress,
+    new_leg_values,
+)
 from exporter.store.sqlite_callers import CALLER_SCHEMA, SqliteCallerBook
 
 R = TypeVar("R")
@@ -794,34 +804,18 @@ class _SqliteTransaction:
     def insert_leg(self, leg: Leg, did: str | None) -> None:
         labels = leg.labels
         cursor = self.connection.execute(
-            "INSERT INTO legs (account, service, direction, abon, extension, party, call_id,"
-            " opened_at, started_at, answered_at, closed_at, outcome)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                labels.account,
-                labels.service.value,
-                labels.direction.value,
-                leg.abon,
-                labels.extension,
-                self._party(did),
-                leg.call_id,
-                leg.opened_at,
-                leg.started_at,
-                leg.answered_at,
-                leg.closed_at,
-                leg.outcome.value if leg.outcome else None,
-            ),
+            f"INSERT INTO legs ({NEW_LEG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            new_leg_values(leg, self._party(did)),
         )
         leg.id = cursor.lastrowid
         if leg.is_open:
             self._count_active(labels, +1)
 
     def save_leg(self, leg: Leg) -> None:
-        outcome = leg.outcome.value if leg.outcome else None
         cursor = self.connection.execute(
             "UPDATE legs SET started_at = ?, answered_at = ?, closed_at = ?, outcome = ?"
             " WHERE id = ? AND closed_at IS NULL",
-            (leg.started_at, leg.answered_at, leg.closed_at, outcome, leg.id),
+            (*leg_progress(leg), leg.id),
         )
         if not cursor.rowcount:
             # Closed already: a late start is all that is left to record.
