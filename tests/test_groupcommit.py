@@ -360,6 +360,31 @@ def test_a_signal_before_the_deadline_does_not_end_the_wait(
     lock.close()
 
 
+@pytest.mark.parametrize("flock_wait", ["in the kernel"], indirect=True)
+def test_the_deadline_watchdog_sleeps_while_no_wait_is_near_its_deadline(
+    tmp_path: Path, stalled_peer: Callable[[Path], subprocess.Popen[str]]
+) -> None:
+    path = tmp_path / "store.lock"
+    peer = stalled_peer(path)
+    lock = ProcessLock(path, 600.0)
+    outcomes = Outcomes()
+    outcomes.start("waiter", lock.acquire)  # in the kernel: the watchdog watches its deadline
+    while not waiters_for(path):
+        time.sleep(0.001)
+    looks = flockwait._watchdog.looks
+    time.sleep(20 * flockwait.WATCH_PERIOD)
+    assert flockwait._watchdog.looks - looks <= 1  # none before the deadline, ten minutes away
+    peer.kill()
+    peer.wait(timeout=30)
+    outcomes.join()
+    assert outcomes.of == {"waiter": None}
+    lock.release()
+    lock.close()
+    looks = flockwait._watchdog.looks
+    time.sleep(20 * flockwait.WATCH_PERIOD)
+    assert flockwait._watchdog.looks - looks <= 1  # and none while nothing waits
+
+
 def test_a_change_waiting_for_a_stalled_peer_fails_and_the_writer_goes_on(
     writes: GroupCommit,
     journal: CountingJournal,
