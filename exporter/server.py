@@ -149,7 +149,12 @@ class ExporterApplication(BaseApplication):  # type: ignore[misc]
 
 
 class StopLoggingArbiter(Arbiter):  # type: ignore[misc]
-    """gunicorn's master, saying when it starts to drain (SIGTERM, SIGINT, SIGQUIT)."""
+    """gunicorn's master, saying when it starts to drain (SIGTERM, SIGINT, SIGQUIT), and able
+    to re-execute itself for an upgrade on the fly (USR2) when started as `python -m exporter`."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.START_CTX["args"] = reexec_args(sys.argv, sys.modules["__main__"])
 
     def stop(self, graceful: bool = True) -> None:
         if self.WORKERS and self.LISTENERS:  # the first call: the listeners close below
@@ -161,6 +166,16 @@ class StopLoggingArbiter(Arbiter):  # type: ignore[misc]
             else:
                 log.info("stopping now: workers quit without draining")
         super().stop(graceful)
+
+
+def reexec_args(argv: list[str], main: Any) -> list[str]:
+    """The command that starts this master again. gunicorn runs `python argv[0] ...`, which for
+    `python -m exporter` is the package's __main__.py as a script: its directory first on the
+    path, where `exporter/numbers.py` hides the standard library's `numbers`."""
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name == "exporter.__main__":
+        return [sys.executable, "-m", "exporter", *argv[1:]]
+    return [sys.executable, *argv]
 
 
 def _log_reload(server: Any) -> None:

@@ -50,6 +50,10 @@ if TYPE_CHECKING:
     from exporter.store.postgresql import PostgresCallStore
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Set beside it when the master made the directory itself: a master that inherits both (gunicorn
+# re-executes the master on USR2, with the environment it started with) did not make it.
+PRIVATE_ENV = "MCN_EXPORTER_PRIVATE_METRICS_DIR"
+UPGRADE_ENV = "GUNICORN_PID"  # set by gunicorn in a master it re-executed: the old master's pid
 POSTGRESQL_EXTRA = "pip install 'mcn-exporter[postgresql]'"
 log = logging.getLogger("exporter.startup")
 
@@ -75,21 +79,25 @@ def prepare_metrics_dir() -> MetricsDir:
     """A dedicated, empty directory for prometheus_client's per-worker files.
 
     A directory the user named in PROMETHEUS_MULTIPROC_DIR is kept, but emptied of metric
-    files: counts left by a previous run would be summed into this one's.
+    files: counts left by a previous run would be summed into this one's. Two cases differ in
+    a master started by an upgrade on the fly (USR2), while the old master and its workers still
+    run: the old master's private directory is left to it (it removes it when it leaves) and this
+    master makes its own; a directory of the user's keeps the old workers' files, which are live.
     """
     if "prometheus_client" in sys.modules:
         raise RuntimeError(
             "prometheus_client was imported before its multiprocess directory was set"
         )
     given = os.environ.get(MULTIPROC_ENV)
-    if not given:
+    if not given or given == os.environ.get(PRIVATE_ENV):
         created = tempfile.mkdtemp(prefix="mcn-exporter-metrics-")
-        os.environ[MULTIPROC_ENV] = created
+        os.environ[MULTIPROC_ENV] = os.environ[PRIVATE_ENV] = created
         return MetricsDir(created, owner_pid=os.getpid())
     try:
         os.makedirs(given, exist_ok=True)
-        for stale in glob.glob(os.path.join(given, "*.db")):
-            _remove_metrics_file(stale, given)
+        if UPGRADE_ENV not in os.environ:
+            for stale in glob.glob(os.path.join(given, "*.db")):
+                _remove_metrics_file(stale, given)
     except OSError as exc:
         raise StartupError(
             f"{MULTIPROC_ENV}={given}: {exc.strerror}: it must be a directory the exporter "

@@ -177,6 +177,80 @@ def test_workers_die_with_a_killed_master_and_a_restart_binds_the_port_at_once(
     assert server.post(START_EVENT)[0] == 200
 
 
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@contextmanager
+def stopped_at_the_end(pid: int) -> Iterator[None]:
+    """A master the test does not own (a child of the old master, then of init): stopped, and
+    its workers with it, whatever the test's outcome."""
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+        with suppress(AssertionError):
+            wait_until(lambda: is_gone(pid), "the new master did not stop", timeout=40)
+        if not is_gone(pid):
+            with suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("directory", ["private", "given"])
+def test_an_upgrade_on_the_fly_with_usr2_keeps_serving_after_the_old_master_leaves(
+    start_server: StartServer, tmp_path: Path, directory: str
+) -> None:
+    given = tmp_path / "metrics"
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(given)} if directory == "given" else {}
+    server = start_server(workers=2, env=env)
+    assert server.process is not None
+    old_workers = server.worker_pids()
+    assert server.post(START_EVENT)[0] == 200
+
+    # gunicorn's upgrade: USR2 starts a new master (a child of the old) with its own workers,
+    # then TERM drains the old master and its workers (WINCH works only for a daemon).
+    server.signal_master(signal.SIGUSR2)
+    wait_until(
+        lambda: any(
+            len(children_of(pid)) == 2 for pid in set(server.worker_pids()) - set(old_workers)
+        ),
+        "no new master with its workers",
+    )
+    (new_master,) = [pid for pid in server.worker_pids() if pid not in old_workers]
+    with stopped_at_the_end(new_master):
+        if directory == "given":  # the old workers' files are live: the new master keeps them
+            assert {f"counter_{pid}.db" for pid in old_workers} <= {p.name for p in given.iterdir()}
+        new_workers = children_of(new_master)
+        assert server.post(START_EVENT)[0] == 200  # either set of workers answers
+        assert server.stop() == 0
+        wait_until(lambda: all(is_gone(pid) for pid in old_workers), "old workers still run")
+        assert server.post(START_EVENT)[0] == 200  # the new master's workers answer alone
+
+        os.kill(new_workers[0], signal.SIGTERM)  # any later worker replacement
+        wait_until(
+            lambda: (
+                len(children_of(new_master)) == 2 and new_workers[0] not in children_of(new_master)
+            ),
+            "the new master did not replace its worker",
+        )
+        assert not is_gone(new_master), server.log()
+        assert server.post(START_EVENT)[0] == 200
+        assert "mcn_webhook_rejected_total" in server.samples()
+    assert "Worker failed to boot" not in server.log()
+
+
 @pytest.mark.server
 def test_two_servers_at_once_use_no_shared_control_socket(
     start_server: StartServer, tmp_path: Path
