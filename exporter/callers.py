@@ -182,8 +182,11 @@ class Callers:
         """A vpbx inbound leg opened: it joins its caller's call, or begins a new one."""
         caller = self._caller(leg.caller)
         line = self._lines.get(leg.account, NO_LINES).line(leg.company_number)
-        tallies = self._settle_if_over(book, leg, now)
+        tallies: list[CallerTally] = []
         call = self._call_to_join(book, leg, caller, line, now)
+        if leg.call_id is not None and call is not None and self._is_over(call, now):
+            # A call_id's call already due to settle is over: this leg begins a new call.
+            tallies, call = self._settle(book, call), None
         if call is None:
             # The caller's earlier calls with nothing ringing are over: settle them first, so a
             # caller who hangs up and calls again waits, and this call can end their wait.
@@ -291,14 +294,9 @@ class Callers:
             None,
         )
 
-    def _settle_if_over(self, book: CallerBook, leg: InboundLeg, now: float) -> list[CallerTally]:
-        """A call_id's call already due to settle is over: a leg now begins a new call."""
-        if leg.call_id is None:
-            return []
-        call = book.call_by_call_id(leg.account, leg.call_id)
-        if call is None or call.open_legs or now - call.quiet_since < self._settings.settle:
-            return []
-        return self._settle(book, call)
+    def _is_over(self, call: InboundCall, now: float) -> bool:
+        """Due to settle: nothing open, and quiet for `settle` seconds."""
+        return not call.open_legs and now - call.quiet_since >= self._settings.settle
 
     def _settle_calls_of(
         self, book: CallerBook, account: int, caller: str | None

@@ -225,6 +225,20 @@ def test_without_call_id_legs_after_the_group_window_are_another_call() -> None:
     assert exchange.waiting() == 0
 
 
+def test_a_call_id_ringing_again_after_its_call_is_due_to_settle_begins_a_new_call() -> None:
+    exchange = Exchange()
+    first = exchange.ring(call_id="call-1")
+    exchange.after(20)
+    exchange.end(first, Outcome.MISSED)
+    exchange.now += DEFAULTS.settle  # due to settle, but no event or scrape settled it yet
+    second = exchange.ring(call_id="call-1")
+    assert exchange.calls("missed") == 1  # settled by the new leg, not revived by it
+    exchange.answer(second)
+    assert exchange.calls("answered") == 1
+    assert exchange.resolved("called_again") == 1
+    assert exchange.waiting() == 0
+
+
 def test_two_callers_ringing_at_once_are_two_calls() -> None:
     exchange = Exchange()
     exchange.ring(caller="0903111111")
