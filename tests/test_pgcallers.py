@@ -444,14 +444,15 @@ def backend_pid(connection: psycopg.Connection[Any]) -> int:
     return connection.info.backend_pid
 
 
-def wait_while_running(url: str, pid: int, thread: threading.Thread) -> None:
-    """Until the backend `pid` waits for a lock another transaction holds, or `thread` is done
-    (it did not need one)."""
+def wait_while_running(url: str, thread: threading.Thread, pid: int | None = None) -> None:
+    """Until the backend `pid` (any, without one) waits for a lock another transaction holds,
+    or `thread` is done (it did not need one)."""
     deadline = time.monotonic() + TIMEOUT
     with psycopg.connect(url, autocommit=True) as monitor:
         while thread.is_alive() and time.monotonic() < deadline:
             row = monitor.execute(
-                "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted", (pid,)
+                "SELECT count(*) FROM pg_locks WHERE pid = coalesce(%s::int, pid) AND NOT granted",
+                (pid,),
             ).fetchone()
             if row and row[0]:
                 return
@@ -495,7 +496,7 @@ def one_after_the_other(
     thread = threading.Thread(target=run_other)
     thread.start()
     try:
-        wait_while_running(url, other.pid, thread)
+        wait_while_running(url, thread, other.pid)
     finally:
         one.connection.commit()
         thread.join(TIMEOUT)
@@ -927,6 +928,35 @@ def test_a_store_of_schema_version_1_gains_the_caller_tables_and_keeps_its_legs(
     with psycopg.connect(postgres_url) as connection:
         row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     assert row == ("2",)
+
+
+def test_a_store_opening_while_a_batch_writes_caller_records_and_legs_waits_for_nothing(
+    postgres_url: str,
+) -> None:
+    """A worker or replica starting while the others write: opening its store took the tables'
+    locks (CREATE INDEX IF NOT EXISTS locks its table even when the index exists), legs' before
+    inbound_calls', and a batch that wrote a caller record and went on to a leg deadlocked
+    with it."""
+    open_store(postgres_url).close()  # the schema is there, as when a worker restarts
+    opened: list[PostgresCallStore] = []
+    errors: list[BaseException] = []
+
+    def open_another() -> None:
+        try:
+            opened.append(open_store(postgres_url))
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    with psycopg.connect(postgres_url, options="-c lock_timeout=30s") as batch:
+        batch.execute("UPDATE inbound_calls SET open_legs = open_legs WHERE id = 0")
+        thread = in_thread(open_another)
+        wait_while_running(postgres_url, thread)
+        batch.execute("UPDATE legs SET closed_at = closed_at WHERE id = 0")
+        batch.commit()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert not errors, errors
+    opened[0].close()
 
 
 def vpbx_event(

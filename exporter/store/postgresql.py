@@ -331,19 +331,8 @@ class PostgresCallStore:
                     f"reads version {SCHEMA_VERSION}: it was written by another exporter "
                     "version; run that one, or point store.url at an empty database"
                 )
-            for statement in (SCHEMA + CALLER_SCHEMA).split(";"):
-                if statement.strip():
-                    connection.execute(statement)
-            # A new database gets the version; one of an upgradable version now has its tables.
-            connection.execute(
-                "INSERT INTO meta VALUES ('schema_version', %s)"
-                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (SCHEMA_VERSION,),
-            )
-            connection.execute(
-                "INSERT INTO meta VALUES ('party_key', %s) ON CONFLICT DO NOTHING",
-                (new_party_key(),),
-            )
+            if version != SCHEMA_VERSION:
+                _create_tables(connection)
             return dict(connection.execute("SELECT key, value FROM meta").fetchall())
 
     @contextmanager
@@ -1139,6 +1128,27 @@ def _hash32(key: tuple[object, ...]) -> int:
     """A lock id for a key. Two keys sharing one only serialise their events, never mix them."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def _create_tables(connection: psycopg.Connection[Any]) -> None:
+    """The tables of a new database, or those an upgradable version lacks, and the version.
+
+    Only then: CREATE INDEX IF NOT EXISTS takes its table's SHARE lock even when the index
+    exists, and held, table after table, until the commit, these locks would block the other
+    workers' and replicas' writes, and deadlock with a batch that wrote a caller record and
+    goes on to a leg (its ROW EXCLUSIVE locks taken in another order than the tables here)."""
+    for statement in (SCHEMA + CALLER_SCHEMA).split(";"):
+        if statement.strip():
+            connection.execute(statement)
+    # A new database gets the version; one of an upgradable version now has its tables.
+    connection.execute(
+        "INSERT INTO meta VALUES ('schema_version', %s)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (SCHEMA_VERSION,),
+    )
+    connection.execute(
+        "INSERT INTO meta VALUES ('party_key', %s) ON CONFLICT DO NOTHING", (new_party_key(),)
+    )
 
 
 def _schema_version(connection: psycopg.Connection[Any]) -> str | None:
