@@ -38,6 +38,9 @@ Locking, so that replicas never both act on one leg:
   + excluded.value`, tables in one fixed order and rows in key order, so two transactions never
   wait on each other in a cycle. Each total is kept in SHARDS rows, one per connection's shard,
   summed when read: two replicas' batches then lock different rows.
+- Changes lock tables only in modes that never conflict (ACCESS SHARE, ROW SHARE, ROW
+  EXCLUSIVE). The schema's statements lock more (CREATE INDEX IF NOT EXISTS takes its table's SHARE
+  lock even when the index exists), so a process starting on a current schema runs none of them.
 """
 
 from __future__ import annotations
