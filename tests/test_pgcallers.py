@@ -445,13 +445,15 @@ def backend_pid(connection: psycopg.Connection[Any]) -> int:
 
 
 def wait_while_running(url: str, thread: threading.Thread, pid: int | None = None) -> None:
-    """Until the backend `pid` (any, without one) waits for a lock another transaction holds,
-    or `thread` is done (it did not need one)."""
+    """Until the backend `pid` (any of the database's, without one) waits for a lock another
+    transaction holds, or `thread` is done (it did not need one)."""
     deadline = time.monotonic() + TIMEOUT
     with psycopg.connect(url, autocommit=True) as monitor:
         while thread.is_alive() and time.monotonic() < deadline:
             row = monitor.execute(
-                "SELECT count(*) FROM pg_locks WHERE pid = coalesce(%s::int, pid) AND NOT granted",
+                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+                " WHERE pid = coalesce(%s::int, pid) AND datname = current_database()"
+                " AND NOT granted",
                 (pid,),
             ).fetchone()
             if row and row[0]:
