@@ -87,6 +87,24 @@ class InboundCall:
         return self.open_legs > 0 and self.answered_at is None
 
 
+@dataclass(frozen=True)
+class CallerScope:
+    """The caller records one event's change may read or write, as the caller level's rules
+    tell them from the event alone: for a store that locks records per caller.
+
+    `call_id`'s call (if any) and the calls and waiting record of `caller` (a digest; None:
+    withheld callers, whose calls without a call_id are told apart by line only). With
+    `whole_account`, any of the account's records: the event does not tell which caller.
+    A store may lock wider than this; a change that reaches a record outside it is taken again
+    with the whole account.
+    """
+
+    account: int
+    call_id: str | None = None
+    caller: str | None = None
+    whole_account: bool = False
+
+
 @dataclass
 class WaitingCaller:
     """A missed caller nobody has reached yet. One per (account, caller), whatever the line.
@@ -180,7 +198,7 @@ class Callers:
 
     def on_leg_started(self, book: CallerBook, leg: InboundLeg, now: float) -> list[CallerTally]:
         """A vpbx inbound leg opened: it joins its caller's call, or begins a new one."""
-        caller = self._caller(leg.caller)
+        caller = self.caller(leg.caller)
         line = self._lines.get(leg.account, NO_LINES).line(leg.company_number)
         tallies: list[CallerTally] = []
         call = self._call_to_join(book, leg, caller, line, now)
@@ -269,11 +287,12 @@ class Callers:
             accounts,
         )
 
-    # -- the rules -----------------------------------------------------------------------------
-
-    def _caller(self, number: str | None) -> str | None:
+    def caller(self, number: str | None) -> str | None:
+        """The digest callers are told apart by: of the number's last `match_digits` digits."""
         key = number_key(number, self._settings.match_digits)
         return None if key is None else self._digest(key)
+
+    # -- the rules -----------------------------------------------------------------------------
 
     def _call_to_join(
         self, book: CallerBook, leg: InboundLeg, caller: str | None, line: str, now: float
@@ -359,7 +378,7 @@ class Callers:
         now: float,
         outcome: AttemptOutcome,
     ) -> list[CallerTally]:
-        callee = self._caller(number)
+        callee = self.caller(number)
         if callee is None:
             return []
         # A call back can come before the missed call settled: settle it first.

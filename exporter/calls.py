@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from exporter.callers import CalendarOf, Callers, CallerSettings, InboundLeg
+from exporter.callers import CalendarOf, Callers, CallerScope, CallerSettings, InboundLeg
 from exporter.events import CallEvent, Direction, Service, Step
 from exporter.hours import ALWAYS_OPEN, Calendar
 from exporter.legs import (
@@ -29,6 +29,7 @@ from exporter.legs import (
 )
 from exporter.numbers import Lines
 from exporter.store import CallStore, LegQuery, StoreTransaction
+from exporter.store.base import StoreRetry
 
 Clock = Callable[[], float]
 CLOSED_LEG_RETENTION = 24 * 3600.0  # how long a leg with a call_id absorbs late copies
@@ -77,6 +78,12 @@ class CallTracker:
         self._last_settle = -SETTLE_INTERVAL
 
     def on_event(self, event: CallEvent) -> Disposition:
+        try:
+            return self._on_event(event)
+        except StoreRetry:
+            return self._on_event(event)  # undone: nothing of it counted
+
+    def _on_event(self, event: CallEvent) -> Disposition:
         with self._store.transaction() as tx:
             now = self._clock()  # read under the write lock, so events are dated in order
             tx.touch(event.account, event.service, now)
@@ -131,7 +138,7 @@ class CallTracker:
     def _apply(
         self, tx: StoreTransaction, callers: _CallerLevel, event: CallEvent, step: Step, now: float
     ) -> tuple[Disposition, list[Tally]]:
-        candidates = tx.legs_matching(self._legs_of(event, now))
+        candidates = tx.legs_matching(self._legs_of(event, now, callers.scope(event, step)))
         expired = self._expire_overdue(tx, callers, candidates, now)
         if step is Step.START:
             disposition, tallies = self._start(tx, callers, event, candidates, now)
@@ -139,7 +146,7 @@ class CallTracker:
             disposition, tallies = self._act_on_leg(tx, callers, event, step, candidates, now)
         return disposition, [*expired, *tallies]
 
-    def _legs_of(self, event: CallEvent, now: float) -> LegQuery:
+    def _legs_of(self, event: CallEvent, now: float, callers: CallerScope | None) -> LegQuery:
         """The legs an event may belong to (docs/design.md, Leg identity).
 
         With a call_id, that call's leg at the abon. Without, the legs of the extension still
@@ -155,6 +162,7 @@ class CallTracker:
             call_id=event.call_id,
             party=event.did,
             closed_since=now - self._settings.duplicate_window,
+            callers=callers,
         )
 
     def _expire_overdue(
@@ -325,6 +333,26 @@ class _CallerLevel:
 
     def settle(self) -> None:
         self.tallies += self._callers.settle(self._book, self._now)
+
+    def scope(self, event: CallEvent, step: Step) -> CallerScope | None:
+        """The caller records an event may reach, from what it says (see the methods below).
+
+        An inbound leg's event reaches its call (by call_id, or its caller's calls) and its
+        caller's waiting record; one without the number, other than a start, reaches the call
+        of whichever leg it acts on: any caller. An outbound leg reaches the callee's records
+        only when it is answered or ends (a start or a close notice never does), and only
+        with a number. Telephony legs have no callers.
+        """
+        if event.service is not Service.VPBX:
+            return None
+        caller = self._callers.caller(event.did)
+        if event.kind is not None and event.kind.direction is Direction.OUTBOUND:
+            if caller is None or step in (Step.START, Step.CLOSE_NOTICE):
+                return None
+            return CallerScope(event.account, caller=caller)
+        if caller is None and step is not Step.START:
+            return CallerScope(event.account, whole_account=True)
+        return CallerScope(event.account, event.call_id, caller)
 
     def leg_opened(self, leg: Leg, event: CallEvent, rang: bool) -> None:
         if _rings_for_caller(leg.labels) and leg.id is not None:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 
 from exporter.callers import (
     Callers,
+    CallerScope,
     CallerSettings,
     InboundCall,
     InboundLeg,
@@ -48,6 +50,7 @@ from exporter.legs import (
 from exporter.numbers import Lines
 from exporter.store import LegQuery
 from exporter.store.pgcallers import (
+    CALLER_KEYS,
     CALLER_LOCKS,
     CALLER_SCHEMA,
     LOCK_CALLERS,
@@ -55,7 +58,7 @@ from exporter.store.pgcallers import (
     OwnLocks,
     PostgresCallerBook,
 )
-from exporter.store.postgresql import PostgresCallStore
+from exporter.store.postgresql import PostgresCallStore, _PostgresTransaction
 from tests.conftest import FakeClock
 
 if TYPE_CHECKING:
@@ -441,14 +444,17 @@ def backend_pid(connection: psycopg.Connection[Any]) -> int:
     return connection.info.backend_pid
 
 
-def wait_while_running(url: str, pid: int, thread: threading.Thread) -> None:
-    """Until the backend `pid` waits for a lock another transaction holds, or `thread` is done
-    (it did not need one)."""
+def wait_while_running(url: str, thread: threading.Thread, pid: int | None = None) -> None:
+    """Until the backend `pid` (any of the database's, without one) waits for a lock another
+    transaction holds, or `thread` is done (it did not need one)."""
     deadline = time.monotonic() + TIMEOUT
     with psycopg.connect(url, autocommit=True) as monitor:
         while thread.is_alive() and time.monotonic() < deadline:
             row = monitor.execute(
-                "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted", (pid,)
+                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+                " WHERE pid = coalesce(%s::int, pid) AND datname = current_database()"
+                " AND NOT granted",
+                (pid,),
             ).fetchone()
             if row and row[0]:
                 return
@@ -492,7 +498,7 @@ def one_after_the_other(
     thread = threading.Thread(target=run_other)
     thread.start()
     try:
-        wait_while_running(url, other.pid, thread)
+        wait_while_running(url, thread, other.pid)
     finally:
         one.connection.commit()
         thread.join(TIMEOUT)
@@ -671,9 +677,16 @@ def open_store(url: str) -> PostgresCallStore:
     return PostgresCallStore(url, LAYOUT, connect_timeout=5.0, statement_timeout=30.0)
 
 
-def legs_of(labels: LegLabels, call_id: str) -> LegQuery:
+def legs_of(labels: LegLabels, call_id: str, callers: CallerScope | None = None) -> LegQuery:
     return LegQuery(
-        labels.account, labels.service, labels.direction, labels.extension, call_id, CALLER, 0.0
+        labels.account,
+        labels.service,
+        labels.direction,
+        labels.extension,
+        call_id,
+        CALLER,
+        0.0,
+        callers,
     )
 
 
@@ -706,8 +719,8 @@ def caller_lock_waiters(url: str) -> int:
     with psycopg.connect(url, autocommit=True) as monitor:
         row = monitor.execute(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-            " AND classid = %s::oid",
-            (CALLER_LOCKS,),
+            " AND classid IN (%s::oid, %s::oid)",
+            (CALLER_LOCKS, CALLER_KEYS),
         ).fetchone()
     assert row is not None
     return int(row[0])
@@ -721,29 +734,142 @@ def two_stores(postgres_url: str) -> Iterator[tuple[PostgresCallStore, PostgresC
         store.close()
 
 
-def test_a_vpbx_change_holds_its_accounts_callers_from_its_legs_to_its_commit(
-    postgres_url: str, two_stores: tuple[PostgresCallStore, PostgresCallStore]
+HELD = CallerScope(ACCOUNT, "call-1", "caller-1")
+
+
+@pytest.mark.parametrize(
+    ("scope", "waits"),
+    [
+        (None, False),  # a telephony leg, or an outbound start: no caller records
+        (CallerScope(ACCOUNT, "call-2", "caller-2"), False),  # another caller's call
+        (CallerScope(ACCOUNT + 1, "call-1", "caller-1"), False),  # another account's
+        (CallerScope(ACCOUNT, "call-2", "caller-1"), True),  # the same caller's other call
+        (CallerScope(ACCOUNT, "call-1", None), True),  # its call, from a leg without a number
+        (CallerScope(ACCOUNT, caller="caller-1"), True),  # a call back to that caller
+        (CallerScope(ACCOUNT, whole_account=True), True),  # an event of any caller
+    ],
+)
+def test_a_change_holds_the_callers_it_may_reach_from_its_legs_to_its_commit(
+    postgres_url: str,
+    two_stores: tuple[PostgresCallStore, PostgresCallStore],
+    scope: CallerScope | None,
+    waits: bool,
 ) -> None:
     one, other = two_stores
-    holder = Holder(one, lambda tx: tx.legs_matching(legs_of(VPBX, "call-1")))
-    with other.transaction() as tx:  # no caller level for telephony: not held back
-        tx.legs_matching(legs_of(TELEPHONY, "call-2"))
+    holder = Holder(one, lambda tx: tx.legs_matching(legs_of(VPBX, "call-1", HELD)))
     done = threading.Event()
 
-    def another_vpbx_call() -> None:
+    def another_change() -> None:
         with other.transaction() as tx:
-            tx.legs_matching(legs_of(VPBX, "call-3"))
+            tx.legs_matching(legs_of(VPBX, "call-3", scope))
         done.set()
 
-    thread = threading.Thread(target=another_vpbx_call)
+    thread = threading.Thread(target=another_change)
     thread.start()
     deadline = time.monotonic() + TIMEOUT
-    while not caller_lock_waiters(postgres_url) and time.monotonic() < deadline:
+    while not caller_lock_waiters(postgres_url) and thread.is_alive():
+        assert time.monotonic() < deadline, "neither done nor waiting"
         time.sleep(0.05)
-    assert not done.is_set(), "the other replica's change waits for the account's callers"
+    assert done.is_set() is not waits
     holder.release()
     thread.join(TIMEOUT)
     assert done.is_set()
+
+
+class PausingStore(PostgresCallStore):
+    """A store whose changes, once `pause` is set, wait before their commit until released;
+    it counts the changes begun."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, LAYOUT, connect_timeout=5.0, statement_timeout=30.0)
+        self.pause = False
+        self.made, self.released = threading.Event(), threading.Event()
+        self.changes = 0
+
+    @contextmanager
+    def transaction(self) -> Iterator[_PostgresTransaction]:
+        self.changes += 1
+        with super().transaction() as tx:
+            yield tx
+            if self.pause:
+                self.made.set()
+                assert self.released.wait(TIMEOUT)
+
+
+@pytest.fixture
+def pausing_stores(postgres_url: str) -> Iterator[tuple[PausingStore, PausingStore]]:
+    stores = (PausingStore(postgres_url), PausingStore(postgres_url))
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def in_thread(action: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=action)
+    thread.start()
+    return thread
+
+
+def inbound_calls(url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as connection:
+        return connection.execute(
+            "SELECT call_id, open_legs FROM inbound_calls ORDER BY id"
+        ).fetchall()
+
+
+@pytest.mark.parametrize(("call_id", "first_did"), [(None, CALLER), ("ring-1", None)])
+def test_one_callers_legs_through_two_stores_wait_for_each_other_and_make_one_call(
+    postgres_url: str,
+    pausing_stores: tuple[PausingStore, PausingStore],
+    call_id: str | None,
+    first_did: str | None,
+) -> None:
+    """The second leg waits for the first's commit, whichever lock it reaches the call by:
+    the caller's (a call without call_id) or the call_id's (its first leg without a number)."""
+    one, other = pausing_stores
+    clock = FakeClock()
+    settings = TrackerSettings(lines=LINES)
+    first, second = CallTracker(one, settings, clock), CallTracker(other, settings, clock)
+    one.reserve_extensions(ACCOUNT, ["201", "202", "203"])  # new ones take turns to be admitted
+    one.pause = True
+    holding = in_thread(
+        partial(first.on_event, vpbx_event("onInCallingStart", call_id, "201", first_did))
+    )
+    assert one.made.wait(TIMEOUT)
+    # Another caller's leg meanwhile: not held back.
+    second.on_event(vpbx_event("onInCallingStart", None, "203", "0903999999"))
+    waiting = in_thread(partial(second.on_event, vpbx_event("onInCallingStart", call_id, "202")))
+    deadline = time.monotonic() + TIMEOUT
+    while not caller_lock_waiters(postgres_url) and waiting.is_alive():
+        assert time.monotonic() < deadline, "neither done nor waiting"
+        time.sleep(0.05)
+    assert waiting.is_alive(), "the second leg waits for the first leg's change"
+    one.released.set()
+    for thread in (holding, waiting):
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+    assert inbound_calls(postgres_url) == [(call_id, 2), (None, 1)]
+
+
+def test_an_event_reaching_a_caller_outside_its_locks_is_made_again_with_the_whole_account(
+    postgres_url: str, pausing_stores: tuple[PausingStore, PausingStore]
+) -> None:
+    """A call_id's second leg with another number reaches the call under the first number's
+    lock, which the event did not take: undone, and made again under the account's lock."""
+    store, _ = pausing_stores
+    clock = FakeClock()
+    tracker = CallTracker(store, TrackerSettings(lines=LINES), clock)
+    tracker.on_event(vpbx_event("onInCallingStart", "ring-1", "201"))
+    assert store.changes == 1
+    tracker.on_event(vpbx_event("onInCallingStart", "ring-1", "202", "0903999999"))
+    assert store.changes == 3, "made twice"
+    tracker.on_event(vpbx_event("onInCallingStart", "ring-1", "203"))
+    assert store.changes == 4, "the next event's locks are its own again"
+    assert inbound_calls(postgres_url) == [("ring-1", 3)]
+    snapshot = store.snapshot()
+    assert snapshot.counters[TallyKind.STARTED] == {
+        (str(ACCOUNT), "vpbx", "inbound", abon): 1.0 for abon in ("201", "202", "203")
+    }, "the undone change counted nothing"
 
 
 def test_an_event_sweeps_nothing_before_its_legs_are_locked(
@@ -769,7 +895,7 @@ def test_expiry_leaves_the_vpbx_legs_of_an_account_whose_callers_are_held(
     with one.transaction() as tx:
         tx.insert_leg(new_leg(VPBX, "stale-vpbx", opened_at=1.0), CALLER)
         tx.insert_leg(new_leg(TELEPHONY, "stale-telephony", opened_at=1.0), CALLER)
-    holder = Holder(one, lambda tx: tx.legs_matching(legs_of(VPBX, "call-1")))
+    holder = Holder(one, lambda tx: tx.legs_matching(legs_of(VPBX, "call-1", HELD)))
     with other.transaction() as tx:
         assert [leg.call_id for leg in tx.open_legs_before(50.0)] == ["stale-telephony"]
     holder.release()
@@ -804,6 +930,35 @@ def test_a_store_of_schema_version_1_gains_the_caller_tables_and_keeps_its_legs(
     with psycopg.connect(postgres_url) as connection:
         row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     assert row == ("2",)
+
+
+def test_a_store_opening_while_a_batch_writes_caller_records_and_legs_waits_for_nothing(
+    postgres_url: str,
+) -> None:
+    """A worker or replica starting while the others write: opening its store took the tables'
+    locks (CREATE INDEX IF NOT EXISTS locks its table even when the index exists), legs' before
+    inbound_calls', and a batch that wrote a caller record and went on to a leg deadlocked
+    with it."""
+    open_store(postgres_url).close()  # the schema is there, as when a worker restarts
+    opened: list[PostgresCallStore] = []
+    errors: list[BaseException] = []
+
+    def open_another() -> None:
+        try:
+            opened.append(open_store(postgres_url))
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    with psycopg.connect(postgres_url, options="-c lock_timeout=30s") as batch:
+        batch.execute("UPDATE inbound_calls SET open_legs = open_legs WHERE id = 0")
+        thread = in_thread(open_another)
+        wait_while_running(postgres_url, thread)
+        batch.execute("UPDATE legs SET closed_at = closed_at WHERE id = 0")
+        batch.commit()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert not errors, errors
+    opened[0].close()
 
 
 def vpbx_event(
@@ -885,3 +1040,65 @@ def test_a_ring_group_rung_through_two_replicas_at_once_is_one_caller_called_bac
     assert snapshot.counters[TallyKind.CALLBACK_ATTEMPTS] == {(str(ACCOUNT), "answered"): 1}
     assert snapshot.waiting_callers == {}
     assert snapshot.counters[TallyKind.INBOUND_CALLS][str(ACCOUNT), "Main line", "missed"] == 1
+
+
+def webhook_mix(n: int) -> list[CallEvent]:
+    """Call `n`'s events, each call with a number and extension of its own: inbound answered,
+    missed, rung in a group (answered by one leg, the other cancelled); a call back to the
+    caller missed two calls before; telephony. Every other call has no call_id."""
+    kind = n % 5
+    number = f"090312{n - 2 if kind == 3 else n:04d}"
+    call_id = f"call-{n}" if n % 2 else None
+    a, b = str(100 + n % 7), str(200 + n % 7)
+
+    def event(event_type: str, abon: str, billsec: int | None = None) -> CallEvent:
+        kind = EVENT_KINDS[event_type]
+        return CallEvent(
+            event_type, kind, ACCOUNT, kind.service, abon, number, call_id, billsec, MAIN
+        )
+
+    if kind == 0:
+        return [
+            event("onInCallingStart", a),
+            event("onInCallingAnswered", a),
+            event("onInCallingEnd", a, 30),
+        ]
+    if kind == 1:
+        return [event("onInCallingStart", a), event("onInCallingMissed", a)]
+    if kind == 2:
+        return [
+            event("onInCallingStart", a),
+            event("onInCallingStart", b),
+            event("onInCallingAnswered", a),
+            event("onCloseIncomingNotice", b),
+            event("onInCallingEnd", a, 30),
+        ]
+    if kind == 3:
+        return [
+            event("onOutCallingStart", a),
+            event("onOutCallingAnswered", a),
+            event("onOutCallingEnd", a, 30),
+        ]
+    return [event("InboundCallStart", a), event("InboundCallEnd", a)]
+
+
+def test_a_callers_events_stay_within_the_locks_the_caller_level_names_for_them(
+    pausing_stores: tuple[PausingStore, PausingStore],
+) -> None:
+    """Every event of ordinary traffic reaches only the caller records its scope names: none
+    is made again under the whole account (each would cost a second change)."""
+    store, _ = pausing_stores
+    clock = FakeClock()
+    tracker = CallTracker(store, TrackerSettings(lines=LINES), clock)
+    events = [event for n in range(40) for event in webhook_mix(n)]
+    for event in events:
+        tracker.on_event(event)
+        clock.advance(1)
+    clock.advance(3600)
+    tracker.expire_stale()
+    assert store.changes == len(events) + 1
+    snapshot = store.snapshot()
+    settled = snapshot.counters[TallyKind.INBOUND_CALLS]
+    assert sum(settled.values()) == 24, "every inbound call counted once"
+    resolved = snapshot.counters[TallyKind.CALLERS_RESOLVED]
+    assert resolved[str(ACCOUNT), "Main line", "called_back"] == 8, "each missed caller"

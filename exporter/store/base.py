@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 # Only the caller level's storage interface and its records, never its rules.
-from exporter.callers import CallerBook
+from exporter.callers import CallerBook, CallerScope
 from exporter.events import Direction, Service
 from exporter.legs import CounterRow, Leg, LegLabels, Tally, TallyKind, TallyLayout, TimingRow
 
@@ -26,6 +26,11 @@ class StoreUnavailable(Exception):
 # are kept). Any other version is refused before anything is written.
 SCHEMA_VERSION = "2"
 UPGRADABLE_VERSIONS = frozenset({"1"})
+
+
+class StoreRetry(StoreUnavailable):
+    """The store undid the change, none of it committed, and wants it made again at once (it
+    takes wider locks the next time). The tracker makes it again, once."""
 
 
 class StoreIncompatible(StoreUnavailable):
@@ -73,6 +78,9 @@ class LegQuery:
     that are open, closed since `closed_since`, or expired; with a `party`, only those whose
     party is that number or unknown. Each leg comes back with `same_party` set when its party
     is known and is `party`. Oldest first (by opened_at, then id).
+
+    `callers`: the caller records the change may go on to (None: none), for a store that
+    locks them with the legs.
     """
 
     account: int
@@ -82,6 +90,7 @@ class LegQuery:
     call_id: str | None
     party: str | None  # the other party's number (the event's did), if it has one
     closed_since: float
+    callers: CallerScope | None = None
 
 
 class StoreTransaction(Protocol):

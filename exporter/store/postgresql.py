@@ -24,15 +24,23 @@ Locking, so that replicas never both act on one leg:
   expiry holds or closed is not taken again. Each leg expires once; expiry never waits for legs.
 - An extension's admission takes an advisory lock per account, so the limit holds across
   replicas. Admissions are never taken back: once committed, the writer remembers them.
-- The caller level's records (`pgcallers`) are under an advisory lock per account, which a vpbx
-  event takes right after its legs' lock and in the same way; expiry tries it and leaves the
-  legs of an account held elsewhere; settle sweeps only try it, and not in an event's change
-  before its legs are locked (see `may_sweep`).
+- The caller level's records (`pgcallers`) are under advisory locks per caller (and call_id),
+  and per account in share mode; an event takes those of the callers it may reach (the caller
+  level's `CallerScope`, in its `LegQuery`) right after its legs' lock and in the same way, or
+  the account's exclusive lock when it cannot tell which caller. Lock order: legs, the callers'
+  keys ascending, the account's; after legs_matching a change waits for none of them: a record
+  outside its locks makes it undone and made again with the whole account (StoreRetry), so no
+  change waits holding a lock later in the order. Expiry tries the accounts' exclusive locks and
+  leaves the legs of an account held elsewhere; settle sweeps only try them, and not in an
+  event's change before its legs are locked (see `may_sweep`).
 - Totals (counters, timings, active legs, last events) are accumulated in Python during the
   batch and written before its COMMIT with `INSERT ... ON CONFLICT DO UPDATE SET value = value
   + excluded.value`, tables in one fixed order and rows in key order, so two transactions never
   wait on each other in a cycle. Each total is kept in SHARDS rows, one per connection's shard,
   summed when read: two replicas' batches then lock different rows.
+- Changes lock tables only in modes that never conflict (ACCESS SHARE, ROW SHARE, ROW
+  EXCLUSIVE). The schema's statements lock more (CREATE INDEX IF NOT EXISTS takes its table's SHARE
+  lock even when the index exists), so a process starting on a current schema runs none of them.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -57,6 +65,7 @@ from exporter.store.base import (
     UPGRADABLE_VERSIONS,
     LegQuery,
     StoreIncompatible,
+    StoreRetry,
     StoreSnapshot,
     StoreUnavailable,
 )
@@ -65,8 +74,12 @@ from exporter.store.groupcommit import MAX_BATCH
 from exporter.store.pgcallers import (
     CALLER_SCHEMA,
     LOCK_CALLERS,
+    LOCK_SOME_CALLERS,
+    TRY_ALL_CALLERS,
     TRY_LOCK_CALLERS,
+    TRY_SOME_CALLERS,
     PostgresCallerBook,
+    scope_keys,
 )
 from exporter.store.rows import (
     LEG_COLUMNS,
@@ -177,6 +190,8 @@ class PostgresCallStore:
         self._closed = False
         # Extensions whose admission has committed: never taken back, so never asked again.
         self._admitted: set[tuple[int, str]] = set()
+        # Per thread: its last change was undone to be made again with whole accounts locked.
+        self._again = threading.local()
         # Over a connection of its own, so that a wrong URL, password or database name is
         # reported as libpq words it, not as a pool waiting in vain.
         self._party_key = self._initialise(url)
@@ -208,8 +223,15 @@ class PostgresCallStore:
     def transaction(self) -> Iterator[_PostgresTransaction]:
         """One change, committed (with the changes of other threads) when this returns."""
         self._check_usable()
+        whole_accounts = self._again.__dict__.pop("whole_accounts", False)
         with self.writer.change() as change:
-            yield _PostgresTransaction(change, self.layout, self._party_key, self._admitted)
+            try:
+                yield _PostgresTransaction(
+                    change, self.layout, self._party_key, self._admitted, whole_accounts
+                )
+            except StoreRetry:
+                self._again.whole_accounts = True
+                raise
 
     def snapshot(self) -> StoreSnapshot:
         with self._begun("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") as connection:
@@ -312,19 +334,8 @@ class PostgresCallStore:
                     f"reads version {SCHEMA_VERSION}: it was written by another exporter "
                     "version; run that one, or point store.url at an empty database"
                 )
-            for statement in (SCHEMA + CALLER_SCHEMA).split(";"):
-                if statement.strip():
-                    connection.execute(statement)
-            # A new database gets the version; one of an upgradable version now has its tables.
-            connection.execute(
-                "INSERT INTO meta VALUES ('schema_version', %s)"
-                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (SCHEMA_VERSION,),
-            )
-            connection.execute(
-                "INSERT INTO meta VALUES ('party_key', %s) ON CONFLICT DO NOTHING",
-                (new_party_key(),),
-            )
+            if version != SCHEMA_VERSION:
+                _create_tables(connection)
             return dict(connection.execute("SELECT key, value FROM meta").fetchall())
 
     @contextmanager
@@ -399,6 +410,8 @@ class Batch:
         self.totals = PostgresTotals()
         self.locks: set[int] = set()  # advisory leg locks: re-entrant, taken once a batch
         self.caller_locks: set[int] = set()  # accounts whose caller records it holds
+        self.some_callers: set[int] = set()  # accounts whose lock it holds in share mode
+        self.caller_keys: set[int] = set()  # and the callers' and call_ids' keys under them
         self.admitted: set[tuple[int, str]] = set()  # extensions known admitted
         # Held until the batch ends; its members wait by taking it in turn.
         self.done = threading.Lock()
@@ -689,6 +702,7 @@ class _PostgresTransaction:
         layout: TallyLayout,
         party_key: bytes,
         admitted: set[tuple[int, str]],
+        whole_accounts: bool = False,
     ) -> None:
         self.connection = change.connection
         self.layout = layout
@@ -705,6 +719,10 @@ class _PostgresTransaction:
         # Whether it has taken a lock, read under one or written: see _must_not_wait.
         self._begun = False
         self._caller_locks: set[int] = set()  # accounts whose caller lock this change took
+        self._some_callers: set[int] = set()  # ... in share mode, with the keys below
+        self._caller_keys: set[int] = set()
+        # Made again after reaching caller records outside its scope: lock whole accounts.
+        self._whole_accounts = whole_accounts
         self._event = False  # an event's change: see may_sweep
         self._callers: PostgresCallerBook | None = None
         change.on_success(self._succeeded)
@@ -712,7 +730,7 @@ class _PostgresTransaction:
     @property
     def callers(self) -> PostgresCallerBook:
         if self._callers is None:
-            self._callers = PostgresCallerBook(self.connection, self)
+            self._callers = PostgresCallerBook(self.connection, self, one_change=True)
         return self._callers
 
     def digest(self, number: str) -> str:
@@ -722,18 +740,18 @@ class _PostgresTransaction:
 
     def legs_matching(self, query: LegQuery) -> list[Leg]:
         lock, sql, parameters, party = self._legs_query(query)
-        # A vpbx leg's change goes on to its account's caller records: their lock is taken
-        # here, right after the legs', so that it is never waited for later in the change.
-        callers = query.account if query.service is Service.VPBX else None
-        held = self._holds_legs(lock) and (callers is None or self.holds_callers(callers))
+        # The caller records the change may go on to are locked here, right after the legs,
+        # so that no lock is waited for later in the change.
+        claim = self._claim(query)
+        held = self._holds_legs(lock) and (claim is None or self._holds_claim(claim))
         if not held and self._must_not_wait():
-            rows = self._read_all_without_waiting(lock, callers, sql, parameters)
+            rows = self._read_all_without_waiting(lock, claim, sql, parameters)
             if rows is not None:
                 return self._known_legs(rows, party)
             self._change.commit_the_others()
         self._lock_legs(lock)
-        if callers is not None:
-            self.lock_callers(callers)
+        if claim is not None:
+            self._take_claim(claim)
         # Sent with the lock, run after it: the SELECT reads what its last holder committed.
         return self._known_legs(self.connection.execute(sql, parameters).fetchall(), party)
 
@@ -791,7 +809,7 @@ class _PostgresTransaction:
         ).fetchall()
         legs = self._known_legs(rows, None)
         accounts = {leg.labels.account for leg in legs if leg.labels.service is Service.VPBX}
-        held = {account for account in accounts if self.holds_callers(account)}
+        held = {account for account in accounts if self._holds_account(account)}
         if accounts - held:
             got = self.connection.execute(TRY_LOCK_CALLERS, (sorted(accounts - held),))
             taken = {account for (account,) in got.fetchall()}
@@ -870,10 +888,16 @@ class _PostgresTransaction:
 
     # -- the caller level's locks (CallerLocks) ------------------------------------------------
 
-    def lock_callers(self, account: int) -> None:
-        """The lock of the account's caller records, taken as leg locks are (_lock_legs)."""
-        if self.holds_callers(account):
+    def lock_callers(self, account: int, keys: tuple[int, ...]) -> None:
+        """Records outside what legs_matching locked: the account's whole lock, taken as leg
+        locks are (_lock_legs), if that cannot deadlock; else the change is made again with
+        it (StoreRetry): after this change took some callers' locks (waiting for the whole
+        would wait for other changes holding some, which may wait for these), or while its
+        batch holds other changes' locks and it has read under its own."""
+        if self.holds_callers(account, keys):
             return
+        if account in self._some_callers or (self._begun and not self._change.may_wait):
+            raise StoreRetry("caller records outside the change's locks")
         if self._must_not_wait():
             if self._try_lock_callers(account):
                 self._begun = True
@@ -883,6 +907,12 @@ class _PostgresTransaction:
         self.connection.execute(LOCK_CALLERS, (account,))
         self._caller_locks.add(account)
         self._begun = True
+
+    def holds_callers(self, account: int, keys: tuple[int, ...]) -> bool:
+        if self._holds_account(account):
+            return True
+        held, batch = self._caller_keys, self._change.batch.caller_keys
+        return all(key in held or key in batch for key in keys)
 
     def may_sweep(self) -> bool:
         """Not in an event's change before its legs are locked (the tracker settles first):
@@ -897,7 +927,8 @@ class _PostgresTransaction:
             self._caller_locks.update(taken)
             self._begun = True
 
-    def holds_callers(self, account: int) -> bool:
+    def _holds_account(self, account: int) -> bool:
+        """Whether the account's whole caller lock is held."""
         return account in self._caller_locks or account in self._change.batch.caller_locks
 
     def _try_lock_callers(self, account: int) -> bool:
@@ -905,6 +936,46 @@ class _PostgresTransaction:
         if got:
             self._caller_locks.add(account)
         return bool(got)
+
+    def _claim(self, query: LegQuery) -> _Claim | None:
+        """The caller locks a change whose legs `query` reads takes with them."""
+        scope = query.callers
+        if self._whole_accounts:
+            return _Claim(query.account if scope is None else scope.account, ())
+        if scope is None:
+            return None
+        if scope.whole_account:
+            return _Claim(scope.account, ())
+        return _Claim(scope.account, scope_keys(scope))
+
+    def _holds_claim(self, claim: _Claim) -> bool:
+        if not claim.keys:
+            return self._holds_account(claim.account)
+        return self.holds_callers(claim.account, claim.keys)
+
+    def _claim_tries(self, claim: _Claim) -> tuple[str, tuple[Any, ...]]:
+        """The condition that the claim's locks are got without waiting, and its parameters."""
+        if not claim.keys:
+            return TRY_ALL_CALLERS, (claim.account,)
+        return TRY_SOME_CALLERS, (claim.account, list(claim.keys))
+
+    def _claimed(self, claim: _Claim) -> None:
+        if claim.keys:
+            self._caller_keys.update(claim.keys)
+            self._some_callers.add(claim.account)
+        else:
+            self._caller_locks.add(claim.account)
+
+    def _take_claim(self, claim: _Claim) -> None:
+        """Waits for the claim's locks: the keys in ascending order, then the account's."""
+        if self._holds_claim(claim):
+            return
+        if claim.keys:
+            self.connection.execute(LOCK_SOME_CALLERS, (claim.account, list(claim.keys)))
+        else:
+            self.connection.execute(LOCK_CALLERS, (claim.account,))
+        self._claimed(claim)
+        self._begun = True
 
     # -- inside --------------------------------------------------------------------------------
 
@@ -914,6 +985,8 @@ class _PostgresTransaction:
         self._change.batch.totals.add(self._totals)
         self._change.batch.locks.update(self._locks)
         self._change.batch.caller_locks.update(self._caller_locks)
+        self._change.batch.some_callers.update(self._some_callers)
+        self._change.batch.caller_keys.update(self._caller_keys)
         self._change.batch.admitted.update(self._known_extensions)
 
     def _read_inserted_ids(self) -> None:
@@ -974,39 +1047,39 @@ class _PostgresTransaction:
         return lock in self._locks or lock in self._change.batch.locks
 
     def _read_all_without_waiting(
-        self, lock: int, callers: int | None, query: str, parameters: tuple[Any, ...]
+        self,
+        lock: int,
+        claim: _Claim | None,
+        query: str,
+        parameters: tuple[Any, ...],
     ) -> list[Any] | None:
-        """The legs read under `lock`, and `callers`' lock (an account, if any), if these and
-        the legs' rows are free at once; else None, having taken none of them."""
-        if self._holds_legs(lock):
-            rows = None
-        else:
-            rows = self._read_without_waiting(lock, query, parameters)
-            if rows is None:
-                return None
-        if callers is not None and not (
-            self.holds_callers(callers) or self._try_lock_callers(callers)
-        ):
-            self._locks.discard(lock)  # given back with the change's start
-            return None
-        if rows is None:
-            rows = self.connection.execute(query, parameters).fetchall()
-        return rows
-
-    def _read_without_waiting(
-        self, lock: int, query: str, parameters: tuple[Any, ...]
-    ) -> list[Any] | None:
-        """The legs read under `lock` if it and their rows are free at once, else None (and
-        the change is rolled back to its start)."""
-        got = self.connection.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", (LEG_LOCKS, lock))
-        read = self.connection.execute(query + " NOWAIT", parameters)
+        """The legs read under `lock`, with the claim's caller locks (if any), if these and
+        the legs' rows are free at once (two statements, one round trip); else None, having
+        taken none."""
+        tries: list[str] = []
+        values: list[Any] = []
+        legs = not self._holds_legs(lock)
+        if legs:
+            tries.append("pg_try_advisory_xact_lock(%s, %s)")
+            values += (LEG_LOCKS, lock)
+            query += " NOWAIT"
+        callers = claim is not None and not self._holds_claim(claim)
+        if claim is not None and callers:
+            condition, condition_values = self._claim_tries(claim)
+            tries.append(condition)
+            values += condition_values
+        got = self.connection.execute("SELECT " + " AND ".join(tries), values) if tries else None
+        read = self.connection.execute(query, parameters)
         try:
-            if not _first(got):
-                return None
+            if got is not None and not _first(got):
+                return None  # those got are given back with the change's start
             rows = read.fetchall()
         except psycopg.errors.LockNotAvailable:
             return None
-        self._locks.add(lock)
+        if legs:
+            self._locks.add(lock)
+        if claim is not None and callers:
+            self._claimed(claim)
         return rows
 
     def _lock_legs(self, key: int) -> None:
@@ -1032,6 +1105,14 @@ class _PostgresTransaction:
         return party_digest(self._party_key, did)
 
 
+class _Claim(NamedTuple):
+    """Caller locks of an account: these callers' and call_ids' keys (with the account's lock
+    in share mode), or, without keys, the account's whole lock."""
+
+    account: int
+    keys: tuple[int, ...]
+
+
 def _first(cursor: psycopg.Cursor[Any]) -> Any:
     row = cursor.fetchone()
     assert row is not None
@@ -1050,6 +1131,27 @@ def _hash32(key: tuple[object, ...]) -> int:
     """A lock id for a key. Two keys sharing one only serialise their events, never mix them."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def _create_tables(connection: psycopg.Connection[Any]) -> None:
+    """The tables of a new database, or those an upgradable version lacks, and the version.
+
+    Only then: CREATE INDEX IF NOT EXISTS takes its table's SHARE lock even when the index
+    exists, and held, table after table, until the commit, these locks would block the other
+    workers' and replicas' writes, and deadlock with a batch that wrote a caller record and
+    goes on to a leg (its ROW EXCLUSIVE locks taken in another order than the tables here)."""
+    for statement in (SCHEMA + CALLER_SCHEMA).split(";"):
+        if statement.strip():
+            connection.execute(statement)
+    # A new database gets the version; one of an upgradable version now has its tables.
+    connection.execute(
+        "INSERT INTO meta VALUES ('schema_version', %s)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (SCHEMA_VERSION,),
+    )
+    connection.execute(
+        "INSERT INTO meta VALUES ('party_key', %s) ON CONFLICT DO NOTHING", (new_party_key(),)
+    )
 
 
 def _schema_version(connection: psycopg.Connection[Any]) -> str | None:
