@@ -30,6 +30,8 @@ from tests.test_server import (
     ACCOUNTS,
     CALLERS,
     EXTENSIONS,
+    RESTART_CALLERS,
+    RESTART_SETTLE,
     SETTLE,
     assert_callers_match_truth,
     assert_matches_truth,
@@ -86,9 +88,11 @@ def kill_replica(server: ServerProcess) -> None:
 def test_the_ground_truth_holds_with_a_worker_killed_and_a_restart(
     start_server: StartServer, postgres_url: str
 ) -> None:
-    server = start_replica(start_server, postgres_url)
+    server = start_replica(start_server, postgres_url, callers=RESTART_CALLERS)
     simulate = start_simulate(
-        server, "--calls", "2500", "--concurrency", "32", "--pace", "0.02", "--seed", "7", *SETTLE
+        server,
+        *("--calls", "2500", "--concurrency", "32", "--pace", "0.02", "--seed", "7"),
+        *RESTART_SETTLE,
     )
     wait_for_events(server, 1500)
     victim = server.worker_pids()[0]
