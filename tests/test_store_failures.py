@@ -366,6 +366,27 @@ def test_workers_follow_a_journal_replaced_at_its_path(
         assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
 
 
+@pytest.mark.parametrize("by_hand", [os.unlink, replace_with_an_empty_file])
+def test_a_worker_starting_after_the_wal_was_deleted_waits_for_the_one_using_it(
+    path: Path, workers: list[Worker], by_hand: Callable[[str], None]
+) -> None:
+    """The -wal deleted by hand while a worker uses it: its -shm still indexes it. A worker
+    starting then is refused rather than read that index against the -wal now there (or
+    created); the worker using it copies it into the file at its next write: nothing is lost."""
+    workers.append(Worker(path))
+    assert workers[0].add("before") == "stored"
+    by_hand(f"{path}-wal")
+
+    assert "-wal was deleted or replaced" in Worker(path).opening
+    assert workers[0].add("after") == "stored"
+    workers.append(Worker(path))
+    assert workers[1].opening == "open"
+    acknowledged = add_in_turns([workers[1], workers[0]], rounds=3)
+
+    assert acknowledged == [f"w{w}-{n}" for n in range(3) for w in range(2)]
+    assert {"before", "after", *acknowledged} <= read_call_ids(path)
+
+
 def test_a_worker_reading_as_its_shm_is_replaced_then_writes_through_the_new_one(
     store: SqliteCallStore, path: Path, workers: list[Worker]
 ) -> None:

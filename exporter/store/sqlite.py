@@ -352,7 +352,9 @@ class SqliteCallStore:
         """
         self._make_directory()
         before = self._create_file()
-        self._remove_journals_of_a_replaced_file(before)
+        noted = _noted_files(self._process_lock.note())
+        self._remove_journals_of_a_replaced_file(noted, before)
+        self._refuse_an_index_without_its_wal(noted)
         try:
             connection = self._open()
         except sqlite3.Error as exc:
@@ -493,7 +495,9 @@ class SqliteCallStore:
                     f"cannot remove {name}, left by a file deleted since: {exc.strerror}"
                 ) from exc
 
-    def _remove_journals_of_a_replaced_file(self, store_file: FileId | None) -> None:
+    def _remove_journals_of_a_replaced_file(
+        self, noted: Mapping[str, FileId], store_file: FileId | None
+    ) -> None:
         """Remove a -wal and -shm at their paths that belong to a file no longer at `path`.
 
         The last worker to open the file noted its files in the lock file. If that file is not
@@ -502,7 +506,6 @@ class SqliteCallStore:
         worker that has not seen it yet): SQLite would read the old file's pages from them as
         this one's. A worker starting then has no files of its own to compare with.
         """
-        noted = _noted_files(self._process_lock.note())
         if store_file is None or noted.get("", store_file) == store_file:
             return
         shm = noted.get("-shm")
@@ -513,6 +516,22 @@ class SqliteCallStore:
             if _file_id(name) == noted.get(suffix):
                 with suppress(FileNotFoundError):
                     os.unlink(name)
+
+    def _refuse_an_index_without_its_wal(self, noted: Mapping[str, FileId]) -> None:
+        """Refuse to open the file while its -shm, in use by another worker, indexes a -wal
+        that is no longer at its path (deleted or replaced by hand).
+
+        SQLite would read that -wal's frames from the one now there, and a change written
+        through that index would be lost once the worker using it reopens (it copies its -wal
+        into the file, then removes that -shm). It does so at its next write.
+        """
+        if _file_id(self._shm) != noted.get("-shm") or _file_id(self._wal) == noted.get("-wal"):
+            return
+        if _in_use_elsewhere(self._shm) and _index_without_its_wal(self._wal, self._shm):
+            raise StoreUnavailable(
+                f"{self.path}-wal was deleted or replaced while another worker uses "
+                f"{self.path}-shm: opened once that worker has copied its -wal into the file"
+            )
 
     def _warn_if_readable_by_others(self) -> None:
         with suppress(OSError):
@@ -568,6 +587,8 @@ class SqliteCallStore:
             moved = self._writer is None or _file_id(self.path) != self._files.get("")
             if moved:
                 self._discard_old_journals()
+            else:
+                self._keep_a_wal_gone_from_its_path()
             # The file's -wal or -shm at their paths are then other workers': they stay. The
             # writer's are forgotten with every connection of this process to the file, which
             # SQLite would otherwise give the new writer (one -shm per file and process).
@@ -597,6 +618,28 @@ class SqliteCallStore:
             if old is not None and _file_id(name) == old:
                 with suppress(FileNotFoundError):
                     os.unlink(name)
+
+    def _keep_a_wal_gone_from_its_path(self) -> None:
+        """The writer's -wal is no longer at its path (deleted or replaced by hand): copy what
+        it holds into the file, then remove its -shm from its path, which indexes it and would
+        otherwise go on being used, by every worker, as the index of the -wal now there."""
+        wal, shm = self._files.get("-wal"), self._files.get("-shm")
+        if self._writer is None or wal is None or _file_id(self._wal) == wal:
+            return
+        try:
+            busy = self._writer.execute("PRAGMA wal_checkpoint(FULL)").fetchone()[0]
+        except sqlite3.Error as exc:
+            busy = exc
+        if busy:
+            log.error(
+                "%s-wal was deleted or replaced: the changes in the one in use could not all be "
+                "copied into the file (%s)",
+                self.path,
+                "readers busy" if busy == 1 else busy,
+            )
+        if shm is not None and _file_id(self._shm) == shm:
+            with suppress(FileNotFoundError):
+                os.unlink(self._shm)
 
     def _close_connections(self) -> None:
         """Close the writer, the readers and the checkpointer's connection; the caller has the
@@ -845,6 +888,35 @@ def _noted_files(note: str) -> dict[str, FileId]:
         return {key: (int(dev), int(ino)) for key, (dev, ino) in noted.items()}
     except (ValueError, TypeError, AttributeError):
         return {}
+
+
+def _index_without_its_wal(wal: str, shm: str) -> bool:
+    """Whether the -shm `shm` indexes frames that the -wal `wal` does not hold.
+
+    A -shm starts with SQLite's index header (native byte order): the page size at byte 14,
+    the frames in use at 16, the -wal's salts at 32; a -wal starts with its own header (32
+    bytes), its salts at 16, then frames of a 24-byte header and a page each.
+    """
+    try:
+        with open(shm, "rb") as file:
+            index = file.read(48)
+    except OSError:
+        return False  # unreadable: left to SQLite
+    try:
+        with open(wal, "rb") as file:
+            header = file.read(32)
+            size = os.fstat(file.fileno()).st_size
+    except FileNotFoundError:
+        header, size = b"", 0  # SQLite would create an empty one
+    except OSError:
+        return False
+    if len(index) < 48 or not index[12]:
+        return False  # not initialised: the next connection rebuilds it from the -wal
+    page_size, frames = struct.unpack_from("=HI", index, 14)
+    if frames == 0:
+        return False
+    page_size = 65536 if page_size == 1 else page_size
+    return header[16:24] != index[32:40] or size < 32 + frames * (24 + page_size)
 
 
 def _in_use_elsewhere(shm: str) -> bool:
