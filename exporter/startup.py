@@ -180,12 +180,7 @@ def open_store(config: Config, layout: TallyLayout, prepared: bool = False) -> C
     answers 503, while the database is down.
     """
     if config.store.url is None:
-        return SqliteCallStore(
-            Path(config.store.path),
-            layout,
-            store_seed(config, layout),
-            lock_timeout=store_lock_timeout(config),
-        )
+        return _open_sqlite_store(config, layout, in_worker=prepared)
     backend = _postgresql_backend()
     conninfo = postgresql_conninfo(config.store)
     timeouts = PostgresTimeouts.within(config.server.timeout)
@@ -205,6 +200,36 @@ def open_store(config: Config, layout: TallyLayout, prepared: bool = False) -> C
             prepare_store(config, store)
 
     return DeferredStore(connect, layout, prepare, wait=timeouts.connect)
+
+
+def _open_sqlite_store(config: Config, layout: TallyLayout, in_worker: bool) -> CallStore:
+    """The SQLite store; in a worker, opened later if it cannot be now.
+
+    gunicorn stops the whole server when a worker fails to start: a worker started (or
+    replaced) while the file cannot be opened (being replaced, a -wal deleted by hand, a full
+    disk) answers 503 instead, and opens it at the first use that can. The master, which
+    checked the store before starting, stops on it.
+    """
+
+    def open_file() -> CallStore:
+        return SqliteCallStore(
+            Path(config.store.path),
+            layout,
+            store_seed(config, layout),
+            lock_timeout=store_lock_timeout(config),
+        )
+
+    if not in_worker:
+        return open_file()
+    try:
+        return open_file()
+    except StoreIncompatible:
+        raise
+    except StoreUnavailable as exc:
+        log.error("call store unavailable: %s; answering 503 until it can be opened", exc)
+        return DeferredStore(
+            open_file, layout, prepare=lambda store: None, wait=store_lock_timeout(config)
+        )
 
 
 def _postgresql_backend() -> type[PostgresCallStore]:

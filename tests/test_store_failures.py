@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import shutil
 import sqlite3
@@ -12,6 +13,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -206,6 +208,212 @@ def test_a_file_replaced_by_something_else_is_refused_until_a_store_is_back(
         with pytest.raises(StoreUnavailable):
             store.ping()
     path.unlink()
+    add_leg(store, "after")
+    assert stored_call_ids(path) == {"after"}
+
+
+# -- several workers -------------------------------------------------------------------------
+
+
+def serve_store(path: Path, orders: Connection) -> None:
+    """A worker of its own: opens a store at `path`, then adds a leg per call id it is sent.
+
+    Run in a process of its own: SQLite's locks, and its -shm, are per process."""
+    try:
+        store = SqliteCallStore(path, LAYOUT, SEED)
+    except StoreUnavailable as exc:
+        orders.send(f"unavailable: {exc}")
+        return
+    orders.send("open")
+    while (call_id := orders.recv()) is not None:
+        try:
+            add_leg(store, call_id)
+            orders.send("stored")
+        except StoreUnavailable as exc:
+            orders.send(f"unavailable: {exc}")
+    store.close()
+    orders.send("closed")
+
+
+class Worker:
+    """A process writing to the store at `path`, as a gunicorn worker does."""
+
+    def __init__(self, path: Path) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._orders, theirs = context.Pipe()
+        self.process = context.Process(target=serve_store, args=(path, theirs), daemon=True)
+        self.process.start()
+        self.opening = self._answer()
+
+    def add(self, call_id: str) -> str:
+        self._orders.send(call_id)
+        return self._answer()
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self._orders.send(None)
+            self._answer()
+        self.process.join(timeout=30)
+
+    def _answer(self) -> str:
+        assert self._orders.poll(60), "the worker did not answer"
+        answer: str = self._orders.recv()
+        return answer
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        worker.process.kill()
+        worker.process.join(timeout=30)
+
+
+def read_call_ids(path: Path) -> set[str]:
+    """What anyone opening the file at `path` reads (in this process, which has no
+    connection to it)."""
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+        return {row[0] for row in connection.execute("SELECT call_id FROM legs")}
+
+
+def add_in_turns(workers: list[Worker], rounds: int) -> list[str]:
+    """Each worker adds a leg in turn; the call ids acknowledged."""
+    acknowledged = []
+    for n in range(rounds):
+        for index, worker in enumerate(workers):
+            call_id = f"w{index}-{n}"
+            if worker.add(call_id) == "stored":
+                acknowledged.append(call_id)
+    return acknowledged
+
+
+def test_a_worker_starting_after_the_file_was_deleted_shares_no_journal_with_the_old_file(
+    path: Path, workers: list[Worker]
+) -> None:
+    """A worker started (or restarted) while another still has the deleted file open creates
+    a new store: the old file's -wal and -shm, still at their paths and in use, are not its."""
+    workers.append(Worker(path))
+    assert workers[0].add("before") == "stored"
+    path.unlink()  # its -wal and -shm stay, open in the first worker
+    workers.append(Worker(path))
+    assert workers[1].opening == "open"
+
+    acknowledged = add_in_turns([workers[1], workers[0]], rounds=5)  # the new one first
+
+    assert acknowledged[-2:] == ["w0-4", "w1-4"]  # both write to the new file by then
+    assert set(acknowledged) <= read_call_ids(path)
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def test_a_worker_starting_after_the_file_was_replaced_shares_no_journal_with_the_old_file(
+    path: Path, workers: list[Worker]
+) -> None:
+    """The same with another store moved over the path: not empty, so its first reader would
+    take the old file's -wal, still at its path, for its own."""
+    workers.append(Worker(path))
+    assert workers[0].add("before") == "stored"
+    replace_store(path)
+    workers.append(Worker(path))
+    assert workers[1].opening == "open"
+
+    acknowledged = add_in_turns([workers[1], workers[0]], rounds=5)  # the new one first
+
+    assert acknowledged[-2:] == ["w0-4", "w1-4"]
+    assert {"from-backup", *acknowledged} <= read_call_ids(path)
+    assert "before" not in read_call_ids(path)
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def replace_with_an_empty_file(name: str) -> None:
+    os.unlink(name)
+    Path(name).touch(0o600)
+
+
+@pytest.mark.parametrize("journal", ["-wal", "-shm"])
+def test_a_change_is_refused_when_its_journal_is_replaced_as_it_is_written(
+    store: SqliteCallStore, path: Path, journal: str
+) -> None:
+    """The writer's -wal or -shm is then no longer the one anyone opening the path uses."""
+    add_leg(store, "before")
+    with pytest.raises(StoreUnavailable, match="deleted or replaced: the change was not kept"):
+        add_leg(store, "lost", during=lambda: replace_with_an_empty_file(f"{path}{journal}"))
+    add_leg(store, "after")
+    assert {"before", "after"} <= stored_call_ids(path)
+
+
+@pytest.mark.parametrize("journal", ["-wal", "-shm"])
+def test_workers_follow_a_journal_replaced_at_its_path(
+    path: Path, workers: list[Worker], journal: str
+) -> None:
+    """After a -wal or -shm is deleted or replaced by hand, the worker sees it before its next
+    write and writes through the ones at the paths, as a new worker does: nothing
+    acknowledged is lost."""
+    workers.append(Worker(path))
+    assert workers[0].add("before") == "stored"
+    replace_with_an_empty_file(f"{path}{journal}")
+    assert workers[0].add("after") == "stored"
+    workers.append(Worker(path))
+    assert workers[1].opening == "open"
+
+    acknowledged = add_in_turns(workers, rounds=3)
+
+    assert acknowledged == [f"w{w}-{n}" for n in range(3) for w in range(2)]
+    assert {"after", *acknowledged} <= read_call_ids(path)
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+@pytest.mark.parametrize("by_hand", [os.unlink, replace_with_an_empty_file])
+def test_a_worker_starting_after_the_wal_was_deleted_waits_for_the_one_using_it(
+    path: Path, workers: list[Worker], by_hand: Callable[[str], None]
+) -> None:
+    """The -wal deleted by hand while a worker uses it: its -shm still indexes it. A worker
+    starting then is refused rather than read that index against the -wal now there (or
+    created); the worker using it copies it into the file at its next write: nothing is lost."""
+    workers.append(Worker(path))
+    assert workers[0].add("before") == "stored"
+    by_hand(f"{path}-wal")
+
+    assert "-wal was deleted or replaced" in Worker(path).opening
+    assert workers[0].add("after") == "stored"
+    workers.append(Worker(path))
+    assert workers[1].opening == "open"
+    acknowledged = add_in_turns([workers[1], workers[0]], rounds=3)
+
+    assert acknowledged == [f"w{w}-{n}" for n in range(3) for w in range(2)]
+    assert {"before", "after", *acknowledged} <= read_call_ids(path)
+
+
+def test_a_worker_reading_as_its_shm_is_replaced_then_writes_through_the_new_one(
+    store: SqliteCallStore, path: Path, workers: list[Worker]
+) -> None:
+    """SQLite keeps one -shm per file and process: the readers of the store close with its
+    writer, or the new writer would share their old -shm."""
+    add_leg(store, "before")
+    store.snapshot()  # this thread's reader has the -shm open
+    replace_with_an_empty_file(f"{path}-shm")
+    add_leg(store, "after")
+    workers.append(Worker(path))
+    assert workers[0].opening == "open"
+
+    assert workers[0].add("from-another-worker") == "stored"
+    add_leg(store, "last")
+
+    assert {"before", "after", "from-another-worker", "last"} <= read_call_ids(path)
+    assert sum(store.snapshot().active.values()) == 4
+
+
+def test_readers_open_only_the_file_the_writer_has_open(store: SqliteCallStore, path: Path) -> None:
+    """Readers open the path without the process lock: not a file being created there."""
+    add_leg(store, "before")
+    path.unlink()
+    path.touch(0o600)  # as a worker creating a new store leaves it, for a moment
+    with pytest.raises(StoreUnavailable, match="being reopened"), store._reading():
+        pass
+    assert store.snapshot().active == {}  # a snapshot first follows the path
     add_leg(store, "after")
     assert stored_call_ids(path) == {"after"}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -21,6 +22,14 @@ pytestmark = pytest.mark.server
 
 StartServer = Callable[..., ServerProcess]
 STARTED = "mcn_calls_started_total"
+
+
+def has_open(pid: int, path: Path) -> bool:
+    """Whether process `pid` has the file at `path` open."""
+    try:
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
 
 
 def start(call_id: str) -> bytes:
@@ -162,3 +171,41 @@ def test_a_store_file_deleted_under_concurrent_webhooks_keeps_every_later_acknow
     for later in acknowledged_after:
         assert later <= kept
     assert started_total(server) == len(kept)
+
+
+def test_a_worker_replaced_while_the_store_cannot_be_opened_keeps_the_exporter_up(
+    start_server: StartServer,
+) -> None:
+    """gunicorn stops the whole server when a worker fails to start: a worker started while
+    the store cannot be opened (its -wal deleted by hand here, which SQLite then fails to
+    read) answers 503 until it can be opened."""
+    server = start_server(workers=2)
+    path = store_path(server)
+    assert set(post_starts(server, "before", 10).values()) == {200}
+    wal = Path(f"{path}-wal")
+    deadline = time.monotonic() + 60
+    while not all(has_open(pid, wal) for pid in server.worker_pids()):
+        assert time.monotonic() < deadline, "the workers did not open the store"
+        time.sleep(0.1)
+    wal.unlink()
+    wal.touch(0o600)
+    killed = server.worker_pids()[0]
+    os.kill(killed, signal.SIGKILL)
+    server.wait_for_workers(2, excluding=[killed])
+    deadline = time.monotonic() + 60
+    while "answering 503 until it can be opened" not in server.log():
+        assert server.process is not None
+        assert server.process.poll() is None, f"the server stopped:\n{server.log()}"
+        assert time.monotonic() < deadline, "the new worker did not start"
+        time.sleep(0.1)
+
+    statuses = post_starts(server, "after", 20)
+
+    assert set(statuses.values()) == {200}
+    assert set(statuses) <= stored_call_ids(path)
+    deadline = time.monotonic() + 60
+    while server.get("/readyz")[0] != 200:
+        assert time.monotonic() < deadline, "readyz did not come back"
+        time.sleep(0.2)
+    assert server.process is not None
+    assert server.process.poll() is None

@@ -27,6 +27,7 @@ from exporter.store import flockwait
 from exporter.store.base import StoreUnavailable
 
 MAX_BATCH = 32  # changes committed together at most
+NOTE_LIMIT = 4096  # bytes of a lock file's note read at most
 
 
 class Journal(Protocol):
@@ -236,6 +237,23 @@ class ProcessLock:
 
     def release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def note(self) -> str:
+        """What the holders of the lock leave in its file for each other; read holding it."""
+        try:
+            return os.pread(self._fd, NOTE_LIMIT, 0).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def leave_note(self, note: str) -> None:
+        """Replace the note, holding the lock; none is left if it cannot be written whole."""
+        data = note.encode()
+        try:
+            os.ftruncate(self._fd, 0)
+            if os.pwrite(self._fd, data, 0) != len(data):
+                os.ftruncate(self._fd, 0)
+        except OSError:
+            pass  # a lock file that cannot be written (disk full) holds no note, or a partial one
 
     def close(self) -> None:
         with self._state:

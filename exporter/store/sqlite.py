@@ -8,10 +8,13 @@ just before its COMMIT.
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import json
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
 import urllib.parse
@@ -56,6 +59,11 @@ WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the WAL file is cut back to after a c
 PROBE_FRESH = 1.0  # seconds a successful write stands for readiness without a write probe
 FAILURE_HOLD = 5.0  # seconds a failed write keeps the store unready, unless a write succeeds
 JOURNALS = ("-wal", "-shm")  # the files SQLite keeps next to the store, named after it
+OPEN_ATTEMPTS = 3  # times a file replaced while it is being opened is opened again
+# The byte of a -shm every SQLite connection using it holds a shared lock on (its "dead man
+# switch"), and struct flock as Linux lays it out (type, whence, start, length, pid).
+SHM_DMS_BYTE = 128
+FLOCK = "hhqqii"
 # Rows of totals one upsert writes at most: a statement per row count is prepared and cached,
 # and SQLite's statement cache (128) must keep the ones of every event too.
 TOTALS_PER_STATEMENT = 16
@@ -118,7 +126,9 @@ class _Checkpointer:
         self._commits = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._stale = False
+        # Held while the connection is used, so that `disconnect` can close it from another thread.
+        self._connection_lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
 
     def committed(self) -> None:
         """Called under the store's write lock after each COMMIT."""
@@ -136,9 +146,13 @@ class _Checkpointer:
                 return
         self._due.set()
 
-    def reconnect(self) -> None:
-        """The store moved to another file: the next round opens a connection to it."""
-        self._stale = True
+    def disconnect(self) -> None:
+        """The store is reopening its file: the connection is closed now, and the next round
+        opens one to the file the writer has then."""
+        with self._connection_lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
 
     def stop(self) -> None:
         """Called under the store's write lock: no commit can start a thread behind it."""
@@ -154,25 +168,41 @@ class _Checkpointer:
         self._thread = thread
 
     def _run(self) -> None:
-        connection: sqlite3.Connection | None = None
         try:
             while True:
                 self._due.wait()
                 self._due.clear()
                 if self._stopping:
                     return
-                if self._stale and connection is not None:
-                    self._stale = False
-                    connection.close()
-                    connection = None
-                try:
-                    connection = connection or self._connect()
-                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error:
-                    pass  # busy or failing now: the next round, or SQLite's own, retries
+                with self._connection_lock:
+                    try:
+                        self._connection = self._connection or self._connect()
+                        self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    except (sqlite3.Error, StoreUnavailable):
+                        pass  # busy, failing or reopening now: the next round, or SQLite, retries
         finally:
-            if connection is not None:
-                connection.close()
+            self.disconnect()
+
+
+class _MovedWhileOpening(StoreUnavailable):
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} was replaced while it was being opened")
+
+
+class _Reader:
+    """A thread's connection for reading; its lock is held while it is used, so that a store
+    reopening its file can close it from another thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.connection: sqlite3.Connection | None = None
+        self.generation = -1
+
+    def close(self) -> None:
+        with self.lock:
+            if self.connection is not None:
+                self.connection.close()
+                self.connection = None
 
 
 class SqliteCallStore:
@@ -185,8 +215,9 @@ class SqliteCallStore:
     threads that queue together share one commit.
 
     The file is followed by its path: a change is acknowledged only if, after its COMMIT, the
-    path still names the file it went to. When the file is deleted or replaced, the next use
-    opens what is at the path, or creates a new store there, with `seed`.
+    path and its -wal and -shm still name the files it went through. When one of them is
+    deleted or replaced, the next use opens what is at the path, or creates a new store there,
+    with `seed`.
     """
 
     def __init__(
@@ -197,16 +228,18 @@ class SqliteCallStore:
         lock_timeout: float = LOCK_TIMEOUT,
     ) -> None:
         self.path = Path(path)
+        self._wal, self._shm = (f"{self.path}{suffix}" for suffix in JOURNALS)
         self.layout = layout
         self._seed = seed or StoreSeed()
         # mode=rw: only the writer, under the process lock, may create the file (with our mode).
         self._uri = f"file:{urllib.parse.quote(os.fspath(self.path.absolute()))}?mode=rw"
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
+        self._readers: list[_Reader] = []
+        self._readers_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
-        # Which files the writer has open (the store, its -wal and -shm), and how many times
-        # the store has moved to another file: readers opened before then reopen.
+        # Which files the writer has open (the store "", its -wal and -shm; empty while none
+        # or while reopening), and how many times it has opened a file: readers opened before
+        # then reopen.
         self._files: dict[str, FileId | None] = {}
         self._generation = 0
         # Opened in the process that writes: a flock is shared by every copy of its descriptor,
@@ -219,7 +252,7 @@ class SqliteCallStore:
         # SQLite connections and locks do not survive a fork: a store serves one process.
         self._owner_pid = os.getpid()
         self._closed = False
-        self._checkpoints = _Checkpointer(self._open)
+        self._checkpoints = _Checkpointer(self._open_current)
         self._party_key = b""
         # Readiness: when a write last succeeded and last failed (monotonic), and why.
         self._write_ok_at: float | None = None
@@ -285,11 +318,7 @@ class SqliteCallStore:
             self._writes.end_batch(commit=True)
             self._checkpoints.stop()
             self._process_lock.close()
-            self._writer = None
-            with self._connections_lock:
-                for connection in self._connections:
-                    connection.close()
-                self._connections.clear()
+            self._close_connections()
 
     # -- opening the file ----------------------------------------------------------------------
 
@@ -298,29 +327,49 @@ class SqliteCallStore:
             self._lock_processes()
             try:
                 existed = self.path.exists()
-                self._open_file(reopening=False)
+                self._open_following(reopening=False)
             finally:
                 self._process_lock.release()
         if existed:
             self._warn_if_readable_by_others()
 
+    def _open_following(self, reopening: bool) -> None:
+        """`_open_file`, again while the file at `path` moves as it is being opened."""
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                self._open_file(reopening)
+                return
+            except _MovedWhileOpening:
+                if attempt == OPEN_ATTEMPTS - 1:
+                    raise
+
     def _open_file(self, reopening: bool) -> None:
         """Make the file at `path` this store's, creating it if missing.
 
-        The caller holds both write locks. The file is named before and after SQLite opens it:
-        if the two differ, it was replaced meanwhile and which one SQLite has is unknown.
+        The caller holds both write locks, and this process has no connection open. The file
+        is named before and after SQLite opens it: if the two differ, it was replaced meanwhile
+        and which one SQLite has is unknown.
         """
         self._make_directory()
         before = self._create_file()
+        noted = _noted_files(self._process_lock.note())
+        self._remove_journals_of_a_replaced_file(noted, before)
+        self._refuse_an_index_without_its_wal(noted)
         try:
             connection = self._open()
         except sqlite3.Error as exc:
+            if before is None or _file_id(self.path) != before:
+                raise _MovedWhileOpening(self.path) from exc
             raise self._unusable(exc) from exc
         try:
             meta = self._create_schema(connection, seed=reopening)
             after = _file_id(self.path)
             if after != before:
-                raise StoreUnavailable(f"{self.path} was replaced while it was being opened")
+                raise _MovedWhileOpening(self.path)
+            # Named while the writer holds them open, so no other file can have their numbers.
+            # SQLite opened them by these names just now, under the process lock, and its -shm
+            # is this process's first for the file: they are the ones the writer uses.
+            files = {"": after, **{s: _file_id(f"{self.path}{s}") for s in JOURNALS}}
         except sqlite3.Error as exc:
             connection.close()
             raise self._unusable(exc) from exc
@@ -328,16 +377,10 @@ class SqliteCallStore:
             connection.close()
             raise
         self._party_key = bytes.fromhex(meta["party_key"])
-        old, self._writer = self._writer, connection
-        with self._connections_lock:
-            self._connections.append(connection)
-        # Named while the writer holds them open, so no other file can have their numbers.
-        self._files = {"": after, **{s: _file_id(f"{self.path}{s}") for s in JOURNALS}}
+        self._writer = connection
+        self._files = files
         self._generation += 1
-        self._checkpoints.reconnect()
-        if old is not None:
-            # SQLite neither checkpoints nor deletes the journals of a file that has moved.
-            self._forget(old)
+        self._process_lock.leave_note(json.dumps(files))
 
     def _create_schema(self, connection: sqlite3.Connection, seed: bool) -> dict[str, str]:
         self._check_schema_version(connection)
@@ -418,14 +461,77 @@ class SqliteCallStore:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
-            return _file_id(self.path)
+            try:
+                status = os.stat(self.path)
+            except OSError:
+                return None
         except OSError as exc:
             raise StoreUnavailable(f"cannot create {self.path}: {exc.strerror}") from exc
-        try:
-            status = os.fstat(fd)
-        finally:
-            os.close(fd)
+        else:
+            try:
+                status = os.fstat(fd)
+            finally:
+                os.close(fd)
+        if status.st_size == 0:
+            self._remove_journals_of_another_file()
         return status.st_dev, status.st_ino
+
+    def _remove_journals_of_another_file(self) -> None:
+        """The file at `path` is empty: a -wal or -shm at their paths belongs to another file.
+
+        SQLite switches an empty file to WAL by writing its first page, before it opens a -wal
+        or -shm: nobody can be using ones of an empty file. Left there, a deleted file's -shm,
+        still held by a worker writing to that file, would be shared with this one (SQLite
+        resets a -shm only if no other process holds it): two databases through one index.
+        """
+        for suffix in JOURNALS:
+            name = f"{self.path}{suffix}"
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StoreUnavailable(
+                    f"cannot remove {name}, left by a file deleted since: {exc.strerror}"
+                ) from exc
+
+    def _remove_journals_of_a_replaced_file(
+        self, noted: Mapping[str, FileId], store_file: FileId | None
+    ) -> None:
+        """Remove a -wal and -shm at their paths that belong to a file no longer at `path`.
+
+        The last worker to open the file noted its files in the lock file. If that file is not
+        the one at `path` now, while its -shm is still at its path and in use by another
+        process, the -wal and -shm there are that file's (replaced, and still written to by a
+        worker that has not seen it yet): SQLite would read the old file's pages from them as
+        this one's. A worker starting then has no files of its own to compare with.
+        """
+        if store_file is None or noted.get("", store_file) == store_file:
+            return
+        shm = noted.get("-shm")
+        if shm is None or _file_id(self._shm) != shm or not _in_use_elsewhere(self._shm):
+            return
+        for suffix in JOURNALS:
+            name = f"{self.path}{suffix}"
+            if _file_id(name) == noted.get(suffix):
+                with suppress(FileNotFoundError):
+                    os.unlink(name)
+
+    def _refuse_an_index_without_its_wal(self, noted: Mapping[str, FileId]) -> None:
+        """Refuse to open the file while its -shm, in use by another worker, indexes a -wal
+        that is no longer at its path (deleted or replaced by hand).
+
+        SQLite would read that -wal's frames from the one now there, and a change written
+        through that index would be lost once the worker using it reopens (it copies its -wal
+        into the file, then removes that -shm). It does so at its next write.
+        """
+        if _file_id(self._shm) != noted.get("-shm") or _file_id(self._wal) == noted.get("-wal"):
+            return
+        if _in_use_elsewhere(self._shm) and _index_without_its_wal(self._wal, self._shm):
+            raise StoreUnavailable(
+                f"{self.path}-wal was deleted or replaced while another worker uses "
+                f"{self.path}-shm: opened once that worker has copied its -wal into the file"
+            )
 
     def _warn_if_readable_by_others(self) -> None:
         with suppress(OSError):
@@ -451,8 +557,20 @@ class SqliteCallStore:
     # -- following the file at `path` ------------------------------------------------------------
 
     def _is_current(self) -> bool:
-        """`path` still names the file the writer has open."""
-        return self._writer is not None and _file_id(self.path) == self._files.get("")
+        """`path` and its -wal and -shm still name the files the writer has open.
+
+        A change is in the file at `path` for everyone who opens it only if it went through
+        the -wal and -shm at their paths too. SQLite never replaces either while a connection
+        has it open; a different one is another file's (or one left after its file was
+        deleted) and the writer's is not where anyone opening the path will look. Three stats.
+        """
+        files = self._files
+        return (
+            self._writer is not None
+            and _file_id(self.path) == files.get("")
+            and _file_id(self._wal) == files.get("-wal")
+            and _file_id(self._shm) == files.get("-shm")
+        )
 
     def _follow_path(self) -> None:
         if not self._is_current():
@@ -466,23 +584,33 @@ class SqliteCallStore:
         self._writes.end_batch(commit=True)  # it went to the old file: refused
         self._lock_processes(follow=True)
         try:
-            self._discard_old_journals()
+            moved = self._writer is None or _file_id(self.path) != self._files.get("")
+            if moved:
+                self._discard_old_journals()
+            else:
+                self._keep_a_wal_gone_from_its_path()
+            # The file's -wal or -shm at their paths are then other workers': they stay. The
+            # writer's are forgotten with every connection of this process to the file, which
+            # SQLite would otherwise give the new writer (one -shm per file and process).
+            self._close_connections()
             created = not self.path.exists()
-            self._open_file(reopening=True)
+            self._open_following(reopening=True)
         finally:
             self._process_lock.release()
         log.warning(
-            "%s was deleted or replaced while in use: %s; changes written to the old file "
+            "%s was deleted or replaced while in use: %s; changes written to the old %s "
             "since were refused",
-            self.path,
+            self.path if moved else f"{self.path}-wal or -shm",
             "created a new, empty store" if created else "opened the file now there",
+            "file" if moved else "ones",
         )
 
     def _discard_old_journals(self) -> None:
         """Remove the -wal and -shm of the old file if they are still at their paths.
 
         SQLite would pair them with the file now at `path` and read the old file's pages as
-        its own. They are known for certain: the writer still holds them open.
+        its own. They are known for certain: the writer still holds them open, so no other
+        file can have their numbers yet.
         """
         for suffix in JOURNALS:
             name = f"{self.path}{suffix}"
@@ -490,6 +618,44 @@ class SqliteCallStore:
             if old is not None and _file_id(name) == old:
                 with suppress(FileNotFoundError):
                     os.unlink(name)
+
+    def _keep_a_wal_gone_from_its_path(self) -> None:
+        """The writer's -wal is no longer at its path (deleted or replaced by hand): copy what
+        it holds into the file, then remove its -shm from its path, which indexes it and would
+        otherwise go on being used, by every worker, as the index of the -wal now there."""
+        wal, shm = self._files.get("-wal"), self._files.get("-shm")
+        if self._writer is None or wal is None or _file_id(self._wal) == wal:
+            return
+        try:
+            busy = self._writer.execute("PRAGMA wal_checkpoint(FULL)").fetchone()[0]
+        except sqlite3.Error as exc:
+            busy = exc
+        if busy:
+            log.error(
+                "%s-wal was deleted or replaced: the changes in the one in use could not all be "
+                "copied into the file (%s)",
+                self.path,
+                "readers busy" if busy == 1 else busy,
+            )
+        if shm is not None and _file_id(self._shm) == shm:
+            with suppress(FileNotFoundError):
+                os.unlink(self._shm)
+
+    def _close_connections(self) -> None:
+        """Close the writer, the readers and the checkpointer's connection; the caller has the
+        write turn. Readers and the checkpointer open nothing until the writer has a file."""
+        self._files = {}
+        self._checkpoints.disconnect()
+        with self._readers_lock:
+            readers = list(self._readers)
+        for reader in readers:
+            reader.close()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            # SQLite neither checkpoints nor deletes the journals of a file that has moved. Of
+            # the file still at `path`, it does only if no other process has the file open:
+            # its own -wal into the file, then the -wal and -shm at the paths, nobody's then.
+            writer.close()
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -528,24 +694,37 @@ class SqliteCallStore:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
         """This thread's connection for reading, to the file the writer has open."""
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is not None and self._local.generation != self._generation:
-            self._forget(connection)
-            connection = None
-        if connection is None:
-            generation = self._generation
-            connection = self._open()
-            self._local.connection, self._local.generation = connection, generation
-            with self._connections_lock:
-                self._connections.append(connection)
-        return connection
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = _Reader()
+            with self._readers_lock:
+                self._readers.append(reader)
+        with reader.lock:
+            if reader.connection is not None and reader.generation != self._generation:
+                reader.connection.close()
+                reader.connection = None
+            if reader.connection is None:
+                generation = self._generation
+                reader.connection, reader.generation = self._open_current(), generation
+            yield reader.connection
 
-    def _forget(self, connection: sqlite3.Connection) -> None:
-        with self._connections_lock, suppress(ValueError):
-            self._connections.remove(connection)
-        connection.close()
+    def _open_current(self) -> sqlite3.Connection:
+        """A connection to the file the writer has open, for reading or checkpointing.
+
+        Opened without the process lock, so the path is named before and after: a file
+        being created, or replaced meanwhile, is not opened (StoreUnavailable).
+        """
+        file = self._files.get("")
+        if file is None or _file_id(self.path) != file:
+            raise StoreUnavailable(f"{self.path} is being reopened")
+        connection = self._open()
+        if _file_id(self.path) != file:
+            connection.close()
+            raise StoreUnavailable(f"{self.path} is being reopened")
+        return connection
 
     def _open(self) -> sqlite3.Connection:
         connection = sqlite3.connect(
@@ -568,7 +747,10 @@ class SqliteCallStore:
         return connection
 
     def _read_snapshot(self) -> StoreSnapshot:
-        connection = self._connection()
+        with self._reading() as connection:
+            return self._read_snapshot_through(connection)
+
+    def _read_snapshot_through(self, connection: sqlite3.Connection) -> StoreSnapshot:
         connection.execute("BEGIN")
         try:
             counters: dict[TallyKind, dict[tuple[str, ...], float]] = {}
@@ -632,9 +814,14 @@ class _SqliteJournal:
         self._forget_totals()  # a new batch starts from nothing, whatever ended the last one
         store._check_usable()
         try:
-            if not store._is_current():
-                store._reopen()
             store._lock_processes()
+            # Checked under the process lock, which every worker creating, reopening or
+            # opening the file holds: none of them moves a -wal or -shm between this and the
+            # BEGIN (a write through another worker's -shm could overwrite its frames).
+            if not store._is_current():
+                store._process_lock.release()
+                store._reopen()
+                store._lock_processes()
             try:
                 connection = store._write_connection()
                 store._guard(lambda: connection.execute("BEGIN IMMEDIATE"))
@@ -673,7 +860,10 @@ class _SqliteJournal:
         store._checkpoints.committed()
         if not store._is_current():
             # Committed to a file no longer at `path`: lost at the next start.
-            raise StoreUnavailable(f"{store.path} was deleted or replaced: the change was not kept")
+            raise StoreUnavailable(
+                f"{store.path}, its -wal or its -shm was deleted or replaced: the change was "
+                "not kept"
+            )
 
     def rollback(self) -> None:
         self._forget_totals()
@@ -689,6 +879,64 @@ class _SqliteJournal:
     def _forget_totals(self) -> None:
         self.change.clear()
         self._batch.clear()
+
+
+def _noted_files(note: str) -> dict[str, FileId]:
+    """The files a writer noted in the lock file (nothing if it holds no such note)."""
+    try:
+        noted = json.loads(note)
+        return {key: (int(dev), int(ino)) for key, (dev, ino) in noted.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _index_without_its_wal(wal: str, shm: str) -> bool:
+    """Whether the -shm `shm` indexes frames that the -wal `wal` does not hold.
+
+    A -shm starts with SQLite's index header (native byte order): the page size at byte 14,
+    the frames in use at 16, the -wal's salts at 32; a -wal starts with its own header (32
+    bytes), its salts at 16, then frames of a 24-byte header and a page each.
+    """
+    try:
+        with open(shm, "rb") as file:
+            index = file.read(48)
+    except OSError:
+        return False  # unreadable: left to SQLite
+    try:
+        with open(wal, "rb") as file:
+            header = file.read(32)
+            size = os.fstat(file.fileno()).st_size
+    except FileNotFoundError:
+        header, size = b"", 0  # SQLite would create an empty one
+    except OSError:
+        return False
+    if len(index) < 48 or not index[12]:
+        return False  # not initialised: the next connection rebuilds it from the -wal
+    page_size, frames = struct.unpack_from("=HI", index, 14)
+    if frames == 0:
+        return False
+    page_size = 65536 if page_size == 1 else page_size
+    return header[16:24] != index[32:40] or size < 32 + frames * (24 + page_size)
+
+
+def _in_use_elsewhere(shm: str) -> bool:
+    """Whether another process has a connection using the -shm `shm`.
+
+    Opened and closed here, which drops any lock this process holds on it: called only while
+    this process has no connection to the file it indexes.
+    """
+    try:
+        fd = os.open(shm, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        query = struct.pack(FLOCK, fcntl.F_WRLCK, os.SEEK_SET, SHM_DMS_BYTE, 1, 0, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return bool(struct.unpack(FLOCK, answer)[0] != fcntl.F_UNLCK)
 
 
 def _write_totals(connection: sqlite3.Connection, totals: Totals) -> None:
