@@ -300,20 +300,31 @@ def test_a_flock_held_by_a_stalled_peer_is_given_up_at_the_deadline(
     lock.close()
 
 
+def queued_waiter(lock: ProcessLock) -> Outcomes:
+    """A thread waiting for `lock`, once the kernel has queued its request for it."""
+    waiter = Outcomes()
+    waiter.start("waiter", lock.acquire)
+    while not waiters_for(lock.path):
+        time.sleep(0.001)
+    return waiter
+
+
+def the_peer_leaves(peer: subprocess.Popen[str], waiter: Outcomes) -> None:
+    """The peer holding the lock dies: the kernel hands the lock to the queued waiter."""
+    peer.kill()
+    peer.wait(timeout=30)
+    waiter.join()
+    assert waiter.of == {"waiter": None}
+
+
 def test_a_flock_released_by_the_peer_before_the_deadline_is_handed_over(
     tmp_path: Path, stalled_peer: Callable[[Path], subprocess.Popen[str]]
 ) -> None:
     path = tmp_path / "store.lock"
     peer = stalled_peer(path)
     lock = ProcessLock(path, 600.0)
-    outcomes = Outcomes()
-    outcomes.start("waiter", lock.acquire)
-    while not waiters_for(path):
-        time.sleep(0.001)  # until the waiter is blocked in the kernel's queue for the lock
-    peer.kill()
-    peer.wait(timeout=30)
-    outcomes.join()
-    assert outcomes.of == {"waiter": None}
+    waiter = queued_waiter(lock)
+    the_peer_leaves(peer, waiter)
     other = ProcessLock(path, 0.1)
     with pytest.raises(StoreUnavailable):  # this lock holds it now
         other.acquire()
@@ -343,19 +354,13 @@ def test_a_signal_before_the_deadline_does_not_end_the_wait(
     path = tmp_path / "store.lock"
     peer = stalled_peer(path)
     lock = ProcessLock(path, 600.0)
-    outcomes = Outcomes()
-    outcomes.start("waiter", lock.acquire)
-    while not waiters_for(path):
-        time.sleep(0.001)
-    waiter = outcomes.threads[0].ident
-    assert waiter is not None
-    signal.pthread_kill(waiter, flockwait.INTERRUPT)  # its flock returns EINTR: not a deadline
+    waiter = queued_waiter(lock)
+    thread = waiter.threads[0].ident
+    assert thread is not None
+    signal.pthread_kill(thread, flockwait.INTERRUPT)  # its flock returns EINTR: not a deadline
     time.sleep(0.2)
-    assert "waiter" not in outcomes.of
-    peer.kill()
-    peer.wait(timeout=30)
-    outcomes.join()
-    assert outcomes.of == {"waiter": None}
+    assert "waiter" not in waiter.of
+    the_peer_leaves(peer, waiter)
     lock.release()
     lock.close()
 
@@ -367,17 +372,11 @@ def test_the_deadline_watchdog_sleeps_while_no_wait_is_near_its_deadline(
     path = tmp_path / "store.lock"
     peer = stalled_peer(path)
     lock = ProcessLock(path, 600.0)
-    outcomes = Outcomes()
-    outcomes.start("waiter", lock.acquire)  # in the kernel: the watchdog watches its deadline
-    while not waiters_for(path):
-        time.sleep(0.001)
+    waiter = queued_waiter(lock)  # in the kernel: the watchdog watches its deadline
     looks = flockwait._watchdog.looks
     time.sleep(20 * flockwait.WATCH_PERIOD)
     assert flockwait._watchdog.looks - looks <= 1  # none before the deadline, ten minutes away
-    peer.kill()
-    peer.wait(timeout=30)
-    outcomes.join()
-    assert outcomes.of == {"waiter": None}
+    the_peer_leaves(peer, waiter)
     lock.release()
     lock.close()
     looks = flockwait._watchdog.looks
