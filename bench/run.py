@@ -19,7 +19,8 @@ It prints a markdown table with each ratio and whether its target holds, and wri
 and the raw figures to bench/results/. `--candidate NAME=DIR` adds, to the ingest and rate
 and slow sections, an exporter imported from another source tree (a scratch copy with a change
 to measure), in the same rounds. `--postgresql` adds, to the ingest and rate sections, the
-exporter with a PostgreSQL store (a throwaway cluster on 127.0.0.1), in the same rounds.
+exporter with a PostgreSQL store (a throwaway cluster on 127.0.0.1), in the same rounds; the
+candidates of those sections then run on PostgreSQL too, each on a database of its own.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from benchkit import (
     BenchError,
     LoadResult,
     Memory,
+    Postgres,
     Server,
     Traffic,
     load,
@@ -153,26 +155,32 @@ def ingest(options: Options, workdir: Path, report: Report, fixed_rate: bool) ->
             _workers(options), workdir / name,
         )
     )  # fmt: skip
-    for candidate, tree in options.candidates.items():
-        config = write_config(workdir / name, candidate, options.threads)
-        servers.append(Server.exporter(candidate, config, _workers(options), workdir / name, tree))
-    results: dict[str, list[LoadResult]] = {server.name: [] for server in servers}
     with ExitStack() as stack:
-        if options.postgresql:
-            postgres = stack.enter_context(throwaway_postgres())
-            config = write_config(
-                workdir / name, POSTGRESQL, options.threads, store_url=postgres.database()
-            )
-            server = Server.exporter(POSTGRESQL, config, _workers(options), workdir / name)
-            server.backing_cpu = postgres.cpu_seconds  # its CPU per request includes the store's
-            servers.append(server)
-            results[POSTGRESQL] = []
+        postgres = stack.enter_context(throwaway_postgres()) if options.postgresql else None
+        for candidate, tree in options.candidates.items():
+            servers.append(_exporter(options, workdir / name, candidate, tree, postgres))
+        if postgres is not None:
+            servers.append(_exporter(options, workdir / name, POSTGRESQL, None, postgres))
+        results: dict[str, list[LoadResult]] = {server.name: [] for server in servers}
         _rounds(options, servers, traffic, results, name)
     report.raw[name] = {
         "traffic": asdict(traffic),
         "results": {key: [asdict(r) for r in value] for key, value in results.items()},
     }
     _ingest_rows(options, report, servers, results, fixed_rate)
+
+
+def _exporter(
+    options: Options, directory: Path, name: str, tree: str | None, postgres: Postgres | None
+) -> Server:
+    """The exporter from `tree` (this one if None); with `postgres`, on a PostgreSQL store of a
+    new database: with --postgresql, candidates are store changes compared on PostgreSQL."""
+    url = postgres.database() if postgres is not None else None
+    config = write_config(directory, name, options.threads, store_url=url)
+    server = Server.exporter(name, config, _workers(options), directory, tree)
+    if postgres is not None:
+        server.backing_cpu = postgres.cpu_seconds  # its CPU per request includes the store's
+    return server
 
 
 def _rounds(
@@ -654,7 +662,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--postgresql",
         action="store_true",
-        help="also load the exporter with a PostgreSQL store, a throwaway cluster (ingest, rate)",
+        help="also load the exporter with a PostgreSQL store, a throwaway cluster, and run the"
+        " candidates on it too (ingest, rate)",
     )
     parser.add_argument(
         "--output", default=str(BENCH_DIR / "results"), help="where to write results ('' = none)"
