@@ -19,8 +19,9 @@ It prints a markdown table with each ratio and whether its target holds, and wri
 and the raw figures to bench/results/. `--candidate NAME=DIR` adds, to the ingest and rate
 and slow sections, an exporter imported from another source tree (a scratch copy with a change
 to measure), in the same rounds. `--postgresql` adds, to the ingest and rate sections, the
-exporter with a PostgreSQL store (a throwaway cluster on 127.0.0.1), in the same rounds; the
-candidates of those sections then run on PostgreSQL too, each on a database of its own.
+exporter with a PostgreSQL store (a throwaway cluster on 127.0.0.1), in the same rounds; with
+`--candidates-on postgresql` the candidates of those sections run on it too, each on a database
+of its own (to compare store changes), instead of on SQLite (to compare with another release).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Options:
     soak_warmup: float
     slow_clients: int
     candidates: dict[str, str]
+    candidates_on: str  # the store the candidates run on: sqlite or postgresql
     postgresql: bool
     output: Path | None
     keep: bool
@@ -157,8 +159,9 @@ def ingest(options: Options, workdir: Path, report: Report, fixed_rate: bool) ->
     )  # fmt: skip
     with ExitStack() as stack:
         postgres = stack.enter_context(throwaway_postgres()) if options.postgresql else None
+        on_postgres = postgres if options.candidates_on == POSTGRESQL else None
         for candidate, tree in options.candidates.items():
-            servers.append(_exporter(options, workdir / name, candidate, tree, postgres))
+            servers.append(_exporter(options, workdir / name, candidate, tree, on_postgres))
         if postgres is not None:
             servers.append(_exporter(options, workdir / name, POSTGRESQL, None, postgres))
         results: dict[str, list[LoadResult]] = {server.name: [] for server in servers}
@@ -174,7 +177,7 @@ def _exporter(
     options: Options, directory: Path, name: str, tree: str | None, postgres: Postgres | None
 ) -> Server:
     """The exporter from `tree` (this one if None); with `postgres`, on a PostgreSQL store of a
-    new database: with --postgresql, candidates are store changes compared on PostgreSQL."""
+    new database, else on SQLite."""
     url = postgres.database() if postgres is not None else None
     config = write_config(directory, name, options.threads, store_url=url)
     server = Server.exporter(name, config, _workers(options), directory, tree)
@@ -662,8 +665,13 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--postgresql",
         action="store_true",
-        help="also load the exporter with a PostgreSQL store, a throwaway cluster, and run the"
-        " candidates on it too (ingest, rate)",
+        help="also load the exporter with a PostgreSQL store, a throwaway cluster (ingest, rate)",
+    )
+    parser.add_argument(
+        "--candidates-on",
+        choices=("sqlite", POSTGRESQL),
+        default="sqlite",
+        help="the store the candidates run on (ingest, rate); postgresql needs --postgresql",
     )
     parser.add_argument(
         "--output", default=str(BENCH_DIR / "results"), help="where to write results ('' = none)"
@@ -681,6 +689,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
         if not tree or not (Path(tree) / "exporter").is_dir():
             parser.error(f"--candidate {item}: want NAME=DIR with DIR/exporter/")
         candidates[name] = str(Path(tree).resolve())
+    if args.candidates_on == POSTGRESQL and not args.postgresql:
+        parser.error("--candidates-on postgresql: add --postgresql")
     return Options(
         sections=sections,
         seconds=args.duration or (3.0 if quick else 15.0),
@@ -698,6 +708,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         soak_warmup=args.soak_warmup if args.soak_warmup is not None else (5 if quick else 30),
         slow_clients=args.slow_clients,
         candidates=candidates,
+        candidates_on=args.candidates_on,
         postgresql=args.postgresql,
         output=Path(args.output) if args.output else None,
         keep=args.keep,
