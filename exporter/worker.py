@@ -7,6 +7,8 @@ request is in (framed by exporter.framing), with a deadline (`server.client_time
 the connection is closed; only then does a thread parse it, with gunicorn's parser, from memory.
 Threads also read and write with that timeout, and connections are closed (lingering to read
 what the client still sends, so it gets the answer rather than a reset) by the loop, not a thread.
+A worker holding more connections than its share leaves a new one to the others for a moment
+(exporter.shares), so that a client opening its connections in a burst gets every worker's core.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from exporter.config import ServerConfig
 from exporter.framing import CONTINUE, Complete, Limits, Refusal, RequestAssembly, Waiting
+from exporter.shares import DEFER_SECONDS, ConnectionBoard
 
 RECEIVE_BYTES = 64 * 1024
 LINGER_SECONDS = 2.0  # gunicorn's own graceful close: time and bytes read before closing
 LINGER_BYTES = 64 * 1024
 SWEEP_SECONDS = 0.25  # how often deadlines are checked (and at least once a second)
+HEARTBEAT_SECONDS = 1.0
 
 
 class TimedSocket(socket.socket):
@@ -65,9 +69,13 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
     """gthread that gives a thread only whole requests; see the module's docstring."""
 
     settings = ServerConfig()
+    board = ConnectionBoard(slots=1)  # worker_class() gives each server its own
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # in the master, before the fork
+        self.slot = self.board.take_slot()
+        self.paused_until = 0.0  # leaving new connections to the other workers until then
+        self.owed_accept = False  # the pause is over: the connection still waiting is ours
         self.limits = Limits(
             request_line=self.cfg.limit_request_line,
             header_fields=self.cfg.limit_request_fields,
@@ -77,19 +85,66 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
         self.reading: set[BufferedConn] = set()
         self.lingering: dict[socket.socket, float] = {}
         self.next_sweep = 0.0
+        self.next_heartbeat = 0.0
 
     # -- connections waiting for a whole request, in the loop --------------------------------
 
     def accept(self, listener: socket.socket) -> None:
+        if self.leave_to_others():
+            return
         try:
             accepted, address = listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
             return
         self.nr_conns += 1
+        self.publish_share()
         sock = TimedSocket.adopt(accepted, self.settings.client_timeout)
         conn = BufferedConn(self, sock, address, listener.getsockname())
         conn.deadline = time.monotonic() + self.settings.client_timeout
         self.keep_reading(conn)
+
+    def notify(self) -> None:
+        """gunicorn's heartbeat to the master, a system call it makes at every turn of the loop
+        (a turn per batch of events under load): here at most once a second, and at least twice
+        in the time the master gives a worker (`self.timeout` is half of it)."""
+        now = time.monotonic()
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + min(HEARTBEAT_SECONDS, self.timeout / 2)
+            super().notify()
+
+    # -- connections spread over the workers (exporter.shares) --------------------------------
+
+    def leave_to_others(self) -> bool:
+        """Whether to stop taking connections for DEFER_SECONDS, a worker holding fewer being
+        there to take the one waiting; after the pause, that one is taken whoever holds what."""
+        if self.owed_accept:
+            self.owed_accept = False
+            return False
+        if self.slot is None or not self.board.over_share(self.slot, self.nr_conns):
+            return False
+        self.paused_until = time.monotonic() + DEFER_SECONDS
+        self.set_accept_enabled(False)
+        return True
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gthread's loop enables accepting at every turn it could: not while paused."""
+        paused = time.monotonic() < self.paused_until
+        if enabled and not paused and not self._accepting and self.paused_until:
+            self.owed_accept, self.paused_until = True, 0.0
+        super().set_accept_enabled(enabled and not paused)
+        self.publish_share()  # also the first sign of life, as the loop starts
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        pause_left = self.paused_until - time.monotonic()
+        if pause_left > 0:  # wake when the pause ends, not at the loop's next second
+            timeout = min(timeout, pause_left)
+        super().wait_for_and_dispatch_events(timeout)
+
+    def publish_share(self) -> None:
+        if self.slot is not None:
+            self.board.publish(self.slot, self.nr_conns if self.alive else None)
+
+    # -- connections waiting for a whole request, in the loop --------------------------------
 
     def on_client_socket_readable(self, conn: BufferedConn, client: socket.socket) -> None:
         """A kept-alive connection starts its next request: it has client_timeout to send it.
@@ -221,6 +276,8 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
     def murder_pending(self) -> None:
         """gthread's sweep, run every turn of the loop: also requests and closes past due."""
         super().murder_pending()
+        self.owed_accept = False  # the turn that took the connection owed is over
+        self.publish_share()
         now = time.monotonic()
         if now < self.next_sweep:  # the loop turns once per batch of events: not every time
             return
@@ -239,4 +296,5 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
 
 def worker_class(settings: ServerConfig) -> type[BufferingWorker]:
     """The worker class gunicorn loads, carrying the server settings it needs."""
-    return type("BufferingWorker", (BufferingWorker,), {"settings": settings})
+    attributes = {"settings": settings, "board": ConnectionBoard()}
+    return type("BufferingWorker", (BufferingWorker,), attributes)
