@@ -173,6 +173,9 @@ def free_port() -> int:
         return port
 
 
+EPOLL_WAIT = ("do_epoll_wait", "ep_poll")  # /proc/<pid>/wchan of a thread in epoll_wait
+
+
 @dataclass
 class ServerProcess:
     """`mcn-exporter serve` in a subprocess, on a free port of the loopback."""
@@ -223,7 +226,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             try:
-                if self.get("/healthz")[0] == 200 and len(self.worker_pids()) == self.workers:
+                if self.get("/healthz")[0] == 200 and self.every_worker_waits_for_connections():
                     return
             except OSError:
                 pass
@@ -249,6 +252,17 @@ class ServerProcess:
                 return pids
             time.sleep(0.1)
         raise AssertionError(f"gunicorn did not respawn workers: {self.worker_pids()}")
+
+    def every_worker_waits_for_connections(self) -> bool:
+        """Booted: each worker's main thread blocks in its selector loop (not still loading the
+        app, which a test's traffic would otherwise leave to the workers already up)."""
+        pids = self.worker_pids()
+        if len(pids) != self.workers:
+            return False
+        try:
+            return all(Path(f"/proc/{pid}/wchan").read_text() in EPOLL_WAIT for pid in pids)
+        except OSError:
+            return False
 
     def worker_pids(self) -> list[int]:
         assert self.process is not None

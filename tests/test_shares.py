@@ -104,18 +104,6 @@ def established_per_worker(server: ServerProcess) -> dict[int, int]:
     return held
 
 
-def wait_until_every_worker_waits_for_connections(server: ServerProcess) -> None:
-    """Booted: each worker's main thread blocks in its selector loop."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        pids = server.worker_pids()
-        waiting = [Path(f"/proc/{pid}/wchan").read_text() == "do_epoll_wait" for pid in pids]
-        if len(pids) == server.workers and all(waiting):
-            return
-        time.sleep(0.1)
-    raise AssertionError("the workers did not all reach their loop")
-
-
 def request(sock: socket.socket) -> None:
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     answer = b""
@@ -130,13 +118,12 @@ def request(sock: socket.socket) -> None:
 def test_connections_opened_in_a_burst_are_spread_over_the_workers(
     start_server: StartServer,
 ) -> None:
-    server = start_server(workers=2)
-    wait_until_every_worker_waits_for_connections(server)
+    server = start_server(workers=2)  # started: every worker in its loop
     spreads = [burst_of_kept_alive_connections(server, 16) for _ in range(5)]
     for held in spreads:
         assert sum(held.values()) == 16, spreads
-    # Without the board, one worker holds 12 to 16 of them in one burst of five or more.
-    assert all(min(held.values()) >= 4 for held in spreads), spreads
+    # Without the board, one worker holds 11 to 16 of them in one burst of five or more.
+    assert all(min(held.values()) >= 6 for held in spreads), spreads
 
 
 def burst_of_kept_alive_connections(server: ServerProcess, count: int) -> dict[int, int]:
