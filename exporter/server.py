@@ -88,6 +88,8 @@ def gunicorn_options(config: Config, bind: str | None, workers: int | None) -> d
         "timeout": int(config.server.timeout),
         "graceful_timeout": GRACEFUL_TIMEOUT,
         "keepalive": 5,
+        # The worker sends an answer's writes at once (exporter/worker.py): nothing beside them.
+        "sendfile": False,
         # Each restarted worker leaves a metrics file behind that every scrape merges: no churn.
         "max_requests": 0,
         "preload_app": False,

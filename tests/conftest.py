@@ -207,9 +207,13 @@ class ServerProcess:
         ]
 
     def environment(self) -> dict[str, str]:
-        """The test's environment, without a multiprocess directory unless `env` names one."""
+        """The test's environment, without a multiprocess directory unless `env` names one.
+
+        Temporary files go to the test's directory: the multiprocess directory the master makes
+        is left behind when a test ends with SIGKILL, which gives the master no time to remove it.
+        """
         inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        return {**inherited, **self.env}
+        return {**inherited, "TMPDIR": str(self.config_path.parent), **self.env}
 
     def start(self, timeout: float = 30.0) -> None:
         self.log_path = self.config_path.with_suffix(f".{self.port}.log")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -97,11 +98,15 @@ def established_per_worker(server: ServerProcess) -> dict[int, int]:
             fields = line.split()
             if fields[1].endswith(port_hex) and fields[3] == "01":  # local port, ESTABLISHED
                 established.add(fields[9])  # the socket's inode
-    held = {}
-    for pid in server.worker_pids():
-        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
-        held[pid] = sum(link[len("socket:[") : -1] in established for link in links)
-    return held
+    return {pid: len(socket_inodes(pid) & established) for pid in server.worker_pids()}
+
+
+def socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile (the previous burst's)
+            inodes.add(os.readlink(fd).removeprefix("socket:[").removesuffix("]"))
+    return inodes
 
 
 def request(sock: socket.socket) -> None:

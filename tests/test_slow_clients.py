@@ -186,3 +186,42 @@ def test_a_stopping_server_does_not_wait_on_slow_clients(start_server: StartServ
         assert server.stop(signal.SIGTERM) == 0
         # Silent ones are dropped within 2 s, the others at their deadline: not graceful_timeout.
         assert time.monotonic() - started < 5.0 + CLOSE_MARGIN + 5.0
+
+
+def test_a_client_that_stops_reading_its_answers_holds_a_thread_until_client_timeout(
+    start_server: StartServer,
+) -> None:
+    """A thread writing answers nobody reads gives up once a write waits client_timeout."""
+    client_timeout, scrapes = 1.0, 400  # each answer some 40 KB: 16 MB, past any buffer
+    server = start_server(
+        workers=1, server={"client_timeout": f"{client_timeout:g}s", "threads": 2}
+    )
+    pipelined = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * scrapes
+    stalled = []
+    for _ in range(2):  # one per thread
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(pipelined)  # and reads nothing for now: both threads end up blocked
+        stalled.append(sock)
+    stalled_at = time.monotonic()
+    time.sleep(0.5)
+    assert server.post(start_event(1))[0] == 200  # whenever a thread comes free
+    # Answers fill the buffers (a few MB), then a write waits: up to client_timeout per send.
+    time.sleep(max(0.0, stalled_at + 6 * client_timeout - time.monotonic()))
+    for sock in stalled:
+        answered = read_until_closed(sock, timeout=10)
+        assert 0 < answered.count(b"HTTP/1.1 200") < scrapes  # given up on, not to the end
+        sock.close()
+    assert server.post(start_event(2))[0] == 200
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    received = bytearray()
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return bytes(received)
