@@ -137,7 +137,10 @@ class ExporterApplication(BaseApplication):  # type: ignore[misc]
 
         configure_logging(self._config.logging)
         self._deps = build_deps(
-            self._config, multiprocess_dir=self._metrics_dir, store_prepared=self._store_prepared
+            self._config,
+            multiprocess_dir=self._metrics_dir,
+            store_prepared=self._store_prepared,
+            in_worker=True,
         )
         return create_app(self._deps)
 

@@ -171,16 +171,19 @@ class PostgresTimeouts:
         )
 
 
-def open_store(config: Config, layout: TallyLayout, prepared: bool = False) -> CallStore:
+def open_store(
+    config: Config, layout: TallyLayout, prepared: bool = False, in_worker: bool = False
+) -> CallStore:
     """The configured call store, for this process alone: SQLite's file, or a PostgreSQL
     connection pool, which never crosses a fork (each worker opens its own).
 
     A PostgreSQL store is opened at its first use that finds the database up, and prepared
     then (`prepare_store`) unless `prepared` says the master did it: a worker starts, and
-    answers 503, while the database is down.
+    answers 503, while the database is down. A SQLite file that cannot be opened is an error,
+    but `in_worker` (a server's worker, which must not fail to boot) opens it later.
     """
     if config.store.url is None:
-        return _open_sqlite_store(config, layout, in_worker=prepared)
+        return _open_sqlite_store(config, layout, in_worker)
     backend = _postgresql_backend()
     conninfo = postgresql_conninfo(config.store)
     timeouts = PostgresTimeouts.within(config.server.timeout)
@@ -370,15 +373,17 @@ def build_deps(
     clock: Clock = time.time,
     multiprocess_dir: str | None = None,
     store_prepared: bool = False,
+    in_worker: bool = False,
 ) -> Deps:
     """One worker's parts: its own store connections, metrics and call tracker.
 
     `store_prepared`: initialise_store made the zero series, so the worker need not.
+    `in_worker`: built in a server's worker (see open_store).
     """
     from exporter.app import Deps
     from exporter.metrics import build_metrics
 
-    store = open_store(config, tally_layout(config), prepared=store_prepared)
+    store = open_store(config, tally_layout(config), prepared=store_prepared, in_worker=in_worker)
     rejections, scrape = build_metrics(store, config, multiprocess_dir, clock)
     settings = tracker_settings(config)
     return Deps(
