@@ -112,21 +112,7 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
         self.next_sweep = 0.0
         self.next_heartbeat = 0.0
 
-    # -- connections waiting for a whole request, in the loop --------------------------------
-
-    def accept(self, listener: socket.socket) -> None:
-        if self.leave_to_others():
-            return
-        try:
-            accepted, address = listener.accept()
-        except (BlockingIOError, ConnectionAbortedError):
-            return
-        self.nr_conns += 1
-        self.publish_share()
-        sock = TimedSocket.adopt(accepted, self.settings.client_timeout)
-        conn = BufferedConn(self, sock, address, listener.getsockname())
-        conn.deadline = time.monotonic() + self.settings.client_timeout
-        self.keep_reading(conn)
+    # -- the master ----------------------------------------------------------------------------
 
     def notify(self) -> None:
         """gunicorn's heartbeat to the master, a system call it makes at every turn of the loop
@@ -170,6 +156,20 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
             self.board.publish(self.slot, self.nr_conns if self.alive else None)
 
     # -- connections waiting for a whole request, in the loop --------------------------------
+
+    def accept(self, listener: socket.socket) -> None:
+        if self.leave_to_others():
+            return
+        try:
+            accepted, address = listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return
+        self.nr_conns += 1
+        self.publish_share()
+        sock = TimedSocket.adopt(accepted, self.settings.client_timeout)
+        conn = BufferedConn(self, sock, address, listener.getsockname())
+        conn.deadline = time.monotonic() + self.settings.client_timeout
+        self.keep_reading(conn)
 
     def on_client_socket_readable(self, conn: BufferedConn, client: socket.socket) -> None:
         """A kept-alive connection starts its next request: it has client_timeout to send it.
